@@ -1,0 +1,1 @@
+"""Attach adapters to a torch model in memory (unmerged, swappable) and detach them again."""

@@ -1,0 +1,46 @@
+"""Commands that look at files: inspect, validate, fingerprint."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from adapterkit.errors import AdapterError
+from adapterkit.fingerprint import fingerprint
+from adapterkit.sources import load_adapter, local_path
+from adapterkit.summary import describe, render
+
+
+@click.command()
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(file: str, as_json: bool) -> None:
+    """Show what an adapter FILE holds and which base model it belongs to."""
+    path = local_path(file)
+    summary = describe(load_adapter(path), path)
+    click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True)
+def validate(files: tuple[str, ...]) -> None:
+    """Check adapter FILES against the format spec. Exit 1 with one line per invalid file."""
+    invalid = 0
+    for file in files:
+        try:
+            load_adapter(file)
+        except AdapterError as exc:
+            invalid += 1
+            click.echo(f"invalid: {exc}")
+        else:
+            click.echo(f"valid: {file}")
+    if invalid:
+        raise SystemExit(1)
+
+
+@click.command("fingerprint")
+@click.argument("base", type=click.Path(exists=True))
+def fingerprint_command(base: str) -> None:
+    """Print the fingerprint of a BASE model folder or safetensors checkpoint (spec §7)."""
+    click.echo(fingerprint(base))

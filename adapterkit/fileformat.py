@@ -1,0 +1,197 @@
+"""Reading and writing adapter files: strict safetensors with an adapterkit manifest (spec/SPEC.md).
+
+The reader trusts nothing: it caps the header size, parses the header itself, requires the data offsets to tile the
+data buffer exactly, checks the version before the manifest, and only then memory-maps the tensor data (copy-on-write,
+so the file is never modified). It never unpickles. Every problem raises :class:`AdapterError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from adapterkit.adapter import Adapter
+from adapterkit.errors import AdapterError
+from adapterkit.manifest import SUPPORTED_MAJOR, Manifest, parse_version
+
+VERSION_KEY = "adapterkit.format_version"
+MANIFEST_KEY = "adapterkit.manifest"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+#: safetensors dtype names -> torch dtypes. Others are refused by name (spec §3).
+DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+def load(path: str | os.PathLike) -> Adapter:
+    """Read and validate an adapter file. Raises AdapterError naming ``path`` on any problem."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+    except OSError as exc:
+        raise AdapterError(f"cannot read: {exc.strerror or exc}", path) from None
+    return parse(buffer, path)
+
+
+def parse(buffer: bytes | bytearray | mmap.mmap, path: str = "<bytes>") -> Adapter:
+    """Parse a whole adapter file held in ``buffer`` (bytes or a memory map)."""
+    try:
+        return _parse(buffer)
+    except AdapterError as exc:
+        raise AdapterError(exc.reason, path) from None
+
+
+def _parse(buffer) -> Adapter:
+    size = len(buffer)
+    if size < 8:
+        raise AdapterError(f"file is {size} bytes, too short to hold a safetensors header (truncated?)")
+    (header_length,) = struct.unpack("<Q", buffer[:8])
+    if header_length > MAX_HEADER_BYTES:
+        raise AdapterError(f"header length {header_length} exceeds the {MAX_HEADER_BYTES}-byte cap")
+    if 8 + header_length > size:
+        raise AdapterError(f"header length {header_length} runs past the end of the file ({size} bytes; truncated?)")
+    header = _parse_header(bytes(buffer[8 : 8 + header_length]))
+    metadata = header.pop("__metadata__", None)
+    data_start = 8 + header_length
+    entries = _check_entries(header, size - data_start)
+    manifest = _read_manifest(metadata)
+    tensors = {name: _tensor(buffer, data_start, *entry) for name, entry in entries.items()}
+    adapter = Adapter(manifest, tensors)
+    adapter.validate()
+    return adapter
+
+
+def _parse_header(raw: bytes) -> dict:
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        duplicated = {k for k in keys if keys.count(k) > 1}
+        if duplicated:
+            raise AdapterError(f"header names {sorted(duplicated)[0]!r} twice")
+        return dict(pairs)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise AdapterError(f"header is not valid UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise AdapterError("header is not a JSON object")
+    return header
+
+
+def _check_entries(header: dict, data_size: int) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    entries = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise AdapterError(f"tensor {name!r}: entry must hold exactly dtype, shape and data_offsets")
+        dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise AdapterError(f"tensor {name!r}: unknown dtype {info['dtype']!r}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**53 for d in shape):
+            raise AdapterError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+            raise AdapterError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+        begin, end = offsets
+        expected = math.prod(shape) * dtype.itemsize
+        if end < begin or end - begin != expected:
+            raise AdapterError(
+                f"tensor {name!r}: data_offsets {offsets} hold {end - begin} bytes, "
+                f"but shape {shape} of {info['dtype']} needs {expected}"
+            )
+        entries[name] = (dtype, shape, begin, end)
+    position = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin > position:
+            raise AdapterError(f"data offsets leave a gap at byte {position} before tensor {name!r}")
+        if begin < position:
+            raise AdapterError(f"tensor {name!r} overlaps the tensor before it at byte {begin}")
+        position = end
+    if position != data_size:
+        raise AdapterError(f"tensor data ends at byte {position} but the data buffer holds {data_size} bytes")
+    return entries
+
+
+def _read_manifest(metadata) -> Manifest:
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        if metadata is None:
+            raise AdapterError("no adapterkit manifest: the file has no __metadata__ (not an adapterkit file?)")
+        raise AdapterError("__metadata__ must map strings to strings")
+    if VERSION_KEY not in metadata:
+        raise AdapterError(f"no adapterkit manifest: __metadata__ lacks {VERSION_KEY!r} (not an adapterkit file?)")
+    version = metadata[VERSION_KEY]
+    try:
+        major, _ = parse_version(version)
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
+    if major != SUPPORTED_MAJOR:
+        raise AdapterError(
+            f"format version {version} is not supported: this adapterkit reads {SUPPORTED_MAJOR}.x"
+            + ("; upgrade adapterkit" if major > SUPPORTED_MAJOR else "")
+        )
+    if MANIFEST_KEY not in metadata:
+        raise AdapterError(f"no adapterkit manifest: __metadata__ lacks {MANIFEST_KEY!r}")
+    try:
+        data = json.loads(metadata[MANIFEST_KEY])
+    except (json.JSONDecodeError, RecursionError):
+        raise AdapterError("manifest is not valid JSON") from None
+    from adapterkit.validation import check_manifest_json
+
+    check_manifest_json(data)
+    return Manifest.from_json(data, format_version=version)
+
+
+def _tensor(buffer, data_start: int, dtype: torch.dtype, shape: list[int], begin: int, end: int) -> torch.Tensor:
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    count = (end - begin) // dtype.itemsize
+    flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin)
+    return flat.view(shape)
+
+
+def save(adapter: Adapter, path: str | os.PathLike) -> None:
+    """Validate ``adapter`` and write it to ``path`` atomically (a temporary file in the same folder, then rename)."""
+    path = Path(path)
+    try:
+        adapter.validate()
+    except AdapterError as exc:
+        raise AdapterError(f"refusing to write an invalid adapter: {exc.reason}", path) from None
+    metadata = {VERSION_KEY: adapter.manifest.written_version(), MANIFEST_KEY: adapter.manifest.dumps()}
+    tensors = {name: t.detach().contiguous() for name, t in adapter.tensors.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_atomically(path: str | os.PathLike, write) -> None:
+    """Call ``write(temporary_path)`` for a file beside ``path``, then rename it into place; on failure, remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,109 @@
+"""A summary of an adapter for people and programs: what ``adapterkit inspect`` shows, and the Hub model card."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from adapterkit.adapter import Adapter
+from adapterkit.kinds import get_kind
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe(adapter: Adapter, path: str | os.PathLike | None = None) -> dict:
+    """A JSON-ready description of ``adapter`` (and of its file, when ``path`` is given)."""
+    manifest = adapter.manifest
+    components = []
+    for component in manifest.components:
+        tensors = adapter.component_tensors(component.name)
+        entry = {
+            "name": component.name,
+            "kind": component.kind,
+            "weight": component.weight,
+            "targets": len(component.targets),
+            "target_names": list(component.targets),
+            "parameters": get_kind(component.kind).parameter_count(component, tensors),
+            "params": dict(component.params),
+        }
+        if component.kind == "lora":
+            entry["ranks"] = sorted({int(roles["lora_A"].shape[0]) for roles in tensors.values()})
+        if component.kind == "prefix":
+            entry["prefix_length"] = component.params.get("prefix_length")
+        components.append(entry)
+    out = {
+        "format_version": manifest.format_version,
+        "producer": manifest.producer,
+        "base_model": manifest.base_model.to_json(),
+        "kinds": manifest.kinds,
+        "components": components,
+        "parameters": adapter.parameter_count(),
+        "tensor_bytes": adapter.nbytes(),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values()}),
+    }
+    if manifest.composition:
+        out["composition"] = manifest.composition
+    if manifest.training:
+        out["training"] = manifest.training
+    if path is not None:
+        out["file"] = os.fspath(path)
+        out["file_bytes"] = os.path.getsize(path)
+        out["sha256"] = sha256_of(path)
+    return out
+
+
+def _compact_targets(names: list[str]) -> str:
+    """``model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj`` -> ``*.self_attn.q_proj (x2)``."""
+    suffixes: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        suffix = ".".join(p for p in parts if not p.isdigit())
+        suffixes[suffix] = suffixes.get(suffix, 0) + 1
+    return ", ".join(f"{s} (x{n})" if n > 1 else s for s, n in suffixes.items())
+
+
+def render(summary: dict) -> str:
+    """The human-readable form of :func:`describe`."""
+    base = summary["base_model"]
+    lines = []
+    if "file" in summary:
+        lines.append(f"{summary['file']}  ({summary['file_bytes']:,} bytes, sha256 {summary['sha256'][:16]}…)")
+    lines += [
+        f"format      adapterkit {summary['format_version']} (written by {summary['producer'].get('name', '?')} "
+        f"{summary['producer'].get('version', '')})".rstrip(),
+        f"base model  {base.get('id') or '(unnamed)'}" + (f" @ {base['revision']}" if base.get("revision") else ""),
+        f"fingerprint {base.get('fingerprint') or '(none)'}",
+        f"kinds       {', '.join(summary['kinds'])}",
+        f"parameters  {summary['parameters']:,} in {summary['tensor_bytes']:,} bytes ({', '.join(summary['dtypes'])})",
+        "components:",
+    ]
+    for c in summary["components"]:
+        detail = f"weight {c['weight']:g}, {c['targets']} targets, {c['parameters']:,} parameters"
+        if "ranks" in c:
+            detail += f", rank {'/'.join(map(str, c['ranks']))}, alpha {c['params'].get('alpha')}"
+            if c["params"].get("scaling", "standard") != "standard":
+                detail += f" ({c['params']['scaling']})"
+        if c.get("prefix_length"):
+            detail += f", prefix length {c['prefix_length']}"
+        lines.append(f"  {c['name']:<12} {c['kind']:<7} {detail}")
+        lines.append(f"  {'':<12} {'':<7} targets: {_compact_targets(c['target_names'])}")
+    composition = summary.get("composition")
+    if composition:
+        lines.append(f"composed    by {composition['method']}" + (
+            f" to rank {composition['rank']}" if composition.get("rank") else ""))
+        for source in composition["sources"]:
+            lines.append(f"  from {source['name']} (weight {source['weight']:g}, sha256 {source['sha256'][:16]}…)")
+        error = composition.get("error") or {}
+        if "relative" in error:
+            lines.append(f"  relative Frobenius error {error['relative']:.3e}")
+    training = summary.get("training")
+    if training:
+        shown = ", ".join(f"{k}={v}" for k, v in training.items() if not isinstance(v, (dict, list)))
+        lines.append(f"trained     {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Train minimal adapters (LoRA, BitFit, prefix tuning) on a base model."""

@@ -1,0 +1,71 @@
+"""Tiny randomly initialised transformers models built from configs (nothing is downloaded), and adapters for them."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from adapterkit import Adapter, BaseModel, Component, Manifest, fingerprint
+from adapterkit.adapter import tensor_name
+
+VOCAB = 128
+
+
+def llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+def bert_config() -> BertConfig:
+    return BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, num_labels=2,
+    )
+
+
+def bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    return BertModel(bert_config()).eval()
+
+
+def bert_classifier(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(bert_config()).eval()
+
+
+def random_lora(model: torch.nn.Module, targets: list[str], rank: int = 4, alpha: float = 8.0, seed: int = 1,
+                name: str = "default", scaling: str = "standard", fan_in_fan_out: bool = False,
+                base_id: str = "tiny") -> Adapter:
+    """A LoRA adapter with random A and B (B not zero, so it changes the output) for the named Linear modules."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    tensors = {}
+    for target in targets:
+        weight = modules[target].weight
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        tensors[tensor_name(name, target, "lora_A")] = torch.randn(rank, in_features, generator=generator) * 0.1
+        tensors[tensor_name(name, target, "lora_B")] = torch.randn(out_features, rank, generator=generator) * 0.1
+    params = {"rank": rank, "alpha": alpha, "scaling": scaling, "fan_in_fan_out": fan_in_fan_out}
+    manifest = Manifest(
+        components=[Component(name, "lora", list(targets), params)],
+        base_model=BaseModel(base_id, None, fingerprint(model)),
+    )
+    return Adapter(manifest, tensors)
