@@ -1,0 +1,210 @@
+"""Fold adapters into a base model's weights, and take them out again.
+
+Merging adds each component's weight deltas (W ← W + ΔW for LoRA, b ← b + Δb for BitFit) and puts the whole tensors
+of a ``full`` component in place of the base's. Unmerging subtracts the same deltas. The per-kind math lives in
+:mod:`adapterkit.kinds`; this module only decides *which* base tensor each delta lands on (:class:`MergePlan`) and
+applies it, in float32, to a model in memory (:func:`merge_into_model`). :mod:`adapterkit.merge_checkpoint` applies
+the same plan to a checkpoint on disk, shard by shard.
+
+Several adapters with weights w₁…wₙ: each adapter's deltas are multiplied by its weight and added, which is exactly
+what composing them first would give (Σ wᵢ ΔWᵢ, no approximation).
+
+A ``full`` component cannot be unmerged: the base tensors it replaced are gone from the merged weights, so unmerging
+one is refused (merge again from the base instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Iterable, Sequence
+
+import torch
+
+from adapterkit.adapter import Adapter
+from adapterkit.errors import AdapterError
+from adapterkit.fingerprint import fingerprint
+from adapterkit.kinds import get_kind
+from adapterkit.manifest import Component
+
+log = logging.getLogger(__name__)
+
+
+def resolve_module(target: str, modules: set[str]) -> str | None:
+    """The base module a target names: itself, or, when the adapter was made on a model with (or without) a wrapper
+    prefix (``model.layers.0.q_proj`` vs ``layers.0.q_proj``), the unique module that differs by one leading
+    segment. ``None`` when nothing matches; AdapterError when several do."""
+    if target in modules:
+        return target
+    candidates = set()
+    _, _, without_head = target.partition(".")
+    if without_head in modules:
+        candidates.add(without_head)
+    depth = target.count(".") + 1
+    candidates.update(m for m in modules if m.endswith("." + target) and m.count(".") == depth)
+    if len(candidates) > 1:
+        raise AdapterError(f"target {target!r} is ambiguous in the base: it could be {' or '.join(sorted(candidates))}")
+    return candidates.pop() if candidates else None
+
+
+def adapter_digest(adapter: Adapter) -> str:
+    """sha256 of an adapter's content (manifest and tensors), the same for a file and the value loaded from it."""
+    digest = hashlib.sha256(adapter.manifest.dumps().encode())
+    for name in sorted(adapter.tensors):
+        tensor = adapter.tensors[name].detach().contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def full_targets(adapter: Adapter) -> list[str]:
+    """Targets whose tensors a ``full`` component brings whole (left out of the base fingerprint)."""
+    return [t for c in adapter.components if c.kind == "full" for t in c.targets]
+
+
+def check_base(adapter: Adapter, base, where: str, force: bool = False) -> None:
+    """Refuse an adapter made for another base (fingerprint mismatch) unless ``force``."""
+    expected = adapter.manifest.base_model.fingerprint
+    if expected is None:
+        log.warning("%s records no base fingerprint: cannot check that it belongs to this base", where)
+        return
+    excluded = full_targets(adapter)
+    if expected == fingerprint(base, exclude=excluded) or (excluded and expected == fingerprint(base)):
+        return
+    if force:
+        log.warning("%s was made for another base (fingerprint differs); merging anyway (--force)", where)
+        return
+    raise AdapterError(
+        f"{where} was made for another base model (fingerprint {expected} does not match this base): "
+        "use --force to merge anyway"
+    )
+
+
+@dataclasses.dataclass
+class _Part:
+    """One component restricted to one target, with the tensors it needs: the unit whose deltas are computed."""
+
+    component: Component
+    tensors: dict[str, dict[str, torch.Tensor]]
+
+
+class MergePlan:
+    """Which base tensors the adapters change, resolved against the base's tensor names, computed lazily.
+
+    ``names`` are the base's tensor names (checkpoint keys or parameter names). ``sign`` is +1 to merge, -1 to
+    unmerge. Deltas are computed per module when :meth:`apply` first meets one of its tensors, so memory stays at a
+    few tensors however large the model.
+    """
+
+    def __init__(self, adapters: Sequence[Adapter], weights: Sequence[float] | None, names: Iterable[str],
+                 sign: float = 1.0):
+        weights = _weights(adapters, weights)
+        self.names = set(names)
+        modules = {name.rpartition(".")[0] for name in self.names}
+        self._parts: dict[str, list[_Part]] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        #: base tensor name -> tensor that replaces it (full components)
+        self.replacements: dict[str, torch.Tensor] = {}
+        #: tensors a full component adds where the base has none, by name
+        self.additions: dict[str, torch.Tensor] = {}
+        for adapter, weight in zip(adapters, weights):
+            for component in adapter.components:
+                self._add_component(adapter, component, weight * sign, modules, sign)
+
+    def _add_component(self, adapter, component, weight, modules, sign) -> None:
+        kind = get_kind(component.kind)
+        tensors = adapter.component_tensors(component.name)
+        replaced = list(kind.replacements(component, tensors))
+        if replaced:
+            if sign < 0:
+                raise AdapterError(
+                    f"component {component.name!r} ({component.kind}) replaced whole base tensors when it was merged; "
+                    "the originals are not in the merged weights, so it cannot be unmerged: merge again from the base"
+                )
+            for target, parameter, tensor in replaced:
+                module = resolve_module(target, modules)
+                name = f"{module or target}.{parameter}"
+                (self.replacements if name in self.names else self.additions)[name] = tensor
+            return
+        for target in component.targets:
+            part = _Part(dataclasses.replace(component, targets=[target], weight=component.weight * weight),
+                         {target: tensors[target]})
+            if target == component.targets[0]:
+                next(iter(kind.weight_deltas(part.component, part.tensors)), None)  # a kind without deltas refuses here
+            module = resolve_module(target, modules)
+            if module is None:
+                raise AdapterError(f"component {component.name!r}: target {target!r} is not a module of the base")
+            self._parts.setdefault(module, []).append(part)
+
+    def touches(self, name: str) -> bool:
+        module = name.rpartition(".")[0]
+        return name in self.replacements or name in self._pending or module in self._parts
+
+    def apply(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The new value of base tensor ``name`` (given its current value), in ``dtype`` (default: its own)."""
+        dtype = dtype or tensor.dtype
+        if name in self.replacements:
+            replacement = self.replacements.pop(name)
+            if replacement.shape != tensor.shape:
+                raise AdapterError(f"{name}: the adapter's tensor is {list(replacement.shape)}, "
+                                   f"the base's is {list(tensor.shape)}")
+            return replacement.to(dtype)
+        self._compute_deltas(name.rpartition(".")[0])
+        delta = self._pending.pop(name, None)
+        if delta is None:
+            return tensor if tensor.dtype == dtype or not tensor.is_floating_point() else tensor.to(dtype)
+        if delta.shape != tensor.shape:
+            raise AdapterError(f"{name}: the adapter's delta is {list(delta.shape)}, the base tensor is "
+                               f"{list(tensor.shape)}")
+        return (tensor.float() + delta).to(dtype)
+
+    def _compute_deltas(self, module: str) -> None:
+        for part in self._parts.pop(module, ()):
+            for _, parameter, delta in get_kind(part.component.kind).weight_deltas(part.component, part.tensors):
+                name = f"{module}.{parameter}"
+                self._pending[name] = self._pending[name] + delta if name in self._pending else delta
+
+    def check_done(self) -> None:
+        """After every base tensor went through :meth:`apply`: refuse deltas that found no tensor to land on."""
+        for module in list(self._parts):
+            self._compute_deltas(module)
+        if self._pending:
+            name = sorted(self._pending)[0]
+            raise AdapterError(f"the adapter changes {name}, which the base does not have "
+                               "(a bias on a module without one cannot be merged)")
+
+
+def _weights(adapters: Sequence[Adapter], weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise AdapterError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    return [float(w) for w in weights]
+
+
+def merge_into_model(model: torch.nn.Module, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
+                     force: bool = False) -> torch.nn.Module:
+    """Fold ``adapters`` (each times its weight) into ``model``'s parameters in place; returns the model."""
+    for number, adapter in enumerate(adapters, 1):
+        check_base(adapter, model, f"adapter {number}", force)
+    _apply_to_model(model, MergePlan(adapters, weights, dict(model.named_parameters())))
+    return model
+
+
+def unmerge_from_model(model: torch.nn.Module, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
+                       ) -> torch.nn.Module:
+    """Subtract what :func:`merge_into_model` added (same adapters and weights); returns the model."""
+    _apply_to_model(model, MergePlan(adapters, weights, dict(model.named_parameters()), sign=-1.0))
+    return model
+
+
+def _apply_to_model(model: torch.nn.Module, plan: MergePlan) -> None:
+    if plan.additions:
+        raise AdapterError(f"the adapter brings {sorted(plan.additions)[0]}, which this model has no parameter for")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if plan.touches(name):
+                parameter.copy_(plan.apply(name, parameter))
+    plan.check_done()
+
