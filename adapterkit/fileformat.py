@@ -25,6 +25,11 @@ from adapterkit.manifest import SUPPORTED_MAJOR, Manifest, parse_version
 VERSION_KEY = "adapterkit.format_version"
 MANIFEST_KEY = "adapterkit.manifest"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: at most this many dimensions per tensor (torch's own limit is 64)
+MAX_DIMENSIONS = 8
+#: JSON integers must fit in 64 bits; JSON values nest at most this deep (spec §4)
+MAX_JSON_INTEGER = 2**64
+MAX_JSON_DEPTH = 32
 
 #: safetensors dtype names -> torch dtypes. Others are refused by name (spec §3).
 DTYPES = {
@@ -81,18 +86,60 @@ def _parse(buffer) -> Adapter:
     return adapter
 
 
-def _parse_header(raw: bytes) -> dict:
+def strict_json(text: str | bytes, what: str):
+    """Parse JSON as the spec allows it: no duplicate keys, no NaN or Infinity, integers within 64 bits, nesting
+    at most MAX_JSON_DEPTH deep. Raises AdapterError naming ``what`` (the header or the manifest)."""
+
     def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        duplicated = {k for k in keys if keys.count(k) > 1}
-        if duplicated:
-            raise AdapterError(f"header names {sorted(duplicated)[0]!r} twice")
-        return dict(pairs)
+        mapping = dict(pairs)
+        if len(mapping) != len(pairs):
+            seen = set()
+            duplicated = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise AdapterError(f"{what} names {duplicated!r} twice")
+        return mapping
+
+    def refuse_constant(name):
+        raise AdapterError(f"{what} holds {name}, which JSON does not allow")
+
+    def finite_float(text):
+        value = float(text)
+        if not math.isfinite(value):
+            raise AdapterError(f"{what} holds the number {text}, too large for a 64-bit float")
+        return value
+
+    def bounded_int(text):
+        if len(text) > 21 or abs(int(text)) >= MAX_JSON_INTEGER:
+            raise AdapterError(f"{what} holds the integer {text[:24]}, which does not fit in 64 bits")
+        return int(text)
 
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise AdapterError(f"header is not valid UTF-8 JSON ({type(exc).__name__})") from None
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=refuse_constant,
+                           parse_float=finite_float, parse_int=bounded_int)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise AdapterError(f"{what} is not valid UTF-8 JSON ({type(exc).__name__})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise AdapterError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _depth(value) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _parse_header(raw: bytes) -> dict:
+    header = strict_json(raw, "header")
     if not isinstance(header, dict):
         raise AdapterError("header is not a JSON object")
     return header
@@ -107,8 +154,12 @@ def _check_entries(header: dict, data_size: int) -> dict[str, tuple[torch.dtype,
         if dtype is None:
             raise AdapterError(f"tensor {name!r}: unknown dtype {info['dtype']!r}")
         shape, offsets = info["shape"], info["data_offsets"]
-        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**53 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise AdapterError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if len(shape) > MAX_DIMENSIONS:
+            raise AdapterError(f"tensor {name!r} has {len(shape)} dimensions, more than {MAX_DIMENSIONS}")
+        if 0 in shape:
+            raise AdapterError(f"tensor {name!r} has no elements (shape {shape})")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
             raise AdapterError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
         begin, end = offsets
@@ -126,8 +177,10 @@ def _check_entries(header: dict, data_size: int) -> dict[str, tuple[torch.dtype,
         if begin < position:
             raise AdapterError(f"tensor {name!r} overlaps the tensor before it at byte {begin}")
         position = end
-    if position != data_size:
-        raise AdapterError(f"tensor data ends at byte {position} but the data buffer holds {data_size} bytes")
+    if position > data_size:
+        raise AdapterError(f"tensor data needs {position} bytes but the data buffer holds {data_size} (truncated?)")
+    if position < data_size:
+        raise AdapterError(f"{data_size - position} bytes of the data buffer after the last tensor belong to none")
     return entries
 
 
@@ -150,10 +203,7 @@ def _read_manifest(metadata) -> Manifest:
         )
     if MANIFEST_KEY not in metadata:
         raise AdapterError(f"no adapterkit manifest: __metadata__ lacks {MANIFEST_KEY!r}")
-    try:
-        data = json.loads(metadata[MANIFEST_KEY])
-    except (json.JSONDecodeError, RecursionError):
-        raise AdapterError("manifest is not valid JSON") from None
+    data = strict_json(metadata[MANIFEST_KEY], "manifest")
     from adapterkit.validation import check_manifest_json
 
     check_manifest_json(data)
@@ -161,8 +211,6 @@ def _read_manifest(metadata) -> Manifest:
 
 
 def _tensor(buffer, data_start: int, dtype: torch.dtype, shape: list[int], begin: int, end: int) -> torch.Tensor:
-    if end == begin:
-        return torch.empty(shape, dtype=dtype)
     count = (end - begin) // dtype.itemsize
     flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin)
     return flat.view(shape)

@@ -74,7 +74,9 @@ def check_adapter(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> No
             raise AdapterError(f"tensor {name!r}: a {kind.name} target holds {', '.join(kind.roles)}, not {role!r}")
         if tensor.dtype not in FLOAT_DTYPES:
             raise AdapterError(f"tensor {name!r} has dtype {tensor.dtype}, adapter tensors must be F16, BF16, F32 or F64")
-        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        if tensor.numel() == 0:
+            raise AdapterError(f"tensor {name!r} has no elements (shape {list(tensor.shape)})")
+        if not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"tensor {name!r} contains NaN or Inf")
         grouped[component_name].setdefault(target, {})[role] = tensor
     for component in manifest.components:
