@@ -1,0 +1,132 @@
+"""The conformance vectors of spec/vectors/: every verdict holds through the library and through the CLI, the
+generator reproduces the committed bytes, and the values the spec writes out (LoRA math, the fingerprint) match the
+implementation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adapterkit import AdapterError, fingerprint, load
+from adapterkit.kinds import get_kind
+from cli_runner import run_cli
+
+SPEC = Path(__file__).resolve().parent.parent / "spec"
+VECTORS = SPEC / "vectors"
+EXPECTED = json.loads((VECTORS / "expected.json").read_text())
+
+
+def test_the_vector_set_is_complete():
+    files = sorted(p.name for p in VECTORS.glob("*.safetensors"))
+    assert files == sorted(EXPECTED)
+    assert sum(v["valid"] for v in EXPECTED.values()) >= 7 and sum(not v["valid"] for v in EXPECTED.values()) >= 15
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_library_verdict(name):
+    verdict = EXPECTED[name]
+    path = VECTORS / name
+    if verdict["valid"]:
+        adapter = load(path)
+        assert adapter.tensors and adapter.manifest.components
+        return
+    with pytest.raises(AdapterError) as caught:
+        load(path)
+    assert verdict["reason"] in caught.value.reason
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+
+
+def test_cli_validate_reports_every_file_on_one_line():
+    files = [str(VECTORS / name) for name in sorted(EXPECTED)]
+    result = run_cli("validate", *files)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(files)
+    for line, name in zip(lines, sorted(EXPECTED)):
+        verdict = EXPECTED[name]
+        if verdict["valid"]:
+            assert line == f"valid: {VECTORS / name}"
+        else:
+            assert line.startswith(f"invalid: {VECTORS / name}: ") and verdict["reason"] in line
+
+
+def test_cli_validate_exits_0_when_all_files_are_valid():
+    files = [str(VECTORS / name) for name, verdict in sorted(EXPECTED.items()) if verdict["valid"]]
+    result = run_cli("validate", *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [f"valid: {f}" for f in files]
+
+
+def test_make_vectors_reproduces_the_committed_files(tmp_path):
+    subprocess.run([sys.executable, str(SPEC / "make_vectors.py"), str(tmp_path)], check=True, timeout=120)
+    regenerated = sorted(p.name for p in tmp_path.iterdir())
+    assert regenerated == sorted(p.name for p in VECTORS.iterdir())
+    for name in regenerated:
+        assert (tmp_path / name).read_bytes() == (VECTORS / name).read_bytes(), name
+
+
+def test_rslora_vector_follows_the_spec_math():
+    """SPEC §7: s = α/√r per target with overrides; fan_in_fan_out targets get ΔWᵀ. Computed here by hand."""
+    adapter = load(VECTORS / "valid_rslora_target_params.safetensors")
+    component = adapter.components[0]
+    tensors = adapter.component_tensors(component.name)
+    deltas = {target: delta for target, _, delta in get_kind("lora").weight_deltas(component, tensors)}
+    q, v, embed = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.embed_tokens"
+    expected_q = 4.0 / math.sqrt(2) * tensors[q]["lora_B"] @ tensors[q]["lora_A"]
+    expected_v = 2.0 / math.sqrt(1) * tensors[v]["lora_B"] @ tensors[v]["lora_A"]
+    expected_embed = (4.0 / math.sqrt(2) * tensors[embed]["lora_B"] @ tensors[embed]["lora_A"]).T
+    torch.testing.assert_close(deltas[q], expected_q)
+    torch.testing.assert_close(deltas[v], expected_v)
+    assert deltas[embed].shape == (16, 8)  # the embedding's stored layout [num_embeddings, dim]
+    torch.testing.assert_close(deltas[embed], expected_embed)
+
+
+def test_composite_vector_records_its_sources_by_hash():
+    composite = load(VECTORS / "valid_composite.safetensors")
+    assert [c.kind for c in composite.components] == ["lora", "prefix", "bitfit"]
+    for source in composite.manifest.composition["sources"]:
+        assert hashlib.sha256((VECTORS / source["name"]).read_bytes()).hexdigest() == source["sha256"]
+
+
+def _bfloat16_bits(values: np.ndarray) -> bytes:
+    """float32 -> bfloat16, round to nearest even, little-endian 2-byte values (SPEC §9 step 2)."""
+    bits = values.astype("<f4").view("<u4").astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+
+
+def test_fingerprint_worked_example_of_the_spec():
+    """The base of the vectors (a plain safetensors file) fingerprinted from the spec's text, with numpy only."""
+    base = VECTORS / "invalid_no_manifest_plain_base.safetensors"
+    raw = base.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    records = []
+    for info in header.values():
+        if info["dtype"] != "F32" or len(info["shape"]) < 2:
+            continue
+        begin, end = info["data_offsets"]
+        array = np.frombuffer(raw[8 + length + begin : 8 + length + end], "<f4").reshape(info["shape"])
+        sample = np.concatenate([array[0].ravel(), array[-1].ravel()])
+        shape = "x".join(map(str, info["shape"]))
+        records.append(f"{shape}:{hashlib.sha256(_bfloat16_bits(sample)).hexdigest()}")
+    by_hand = "fp1:" + hashlib.sha256("\n".join(sorted(records)).encode()).hexdigest()
+    assert fingerprint(base) == by_hand
+    assert load(VECTORS / "valid_lora.safetensors").manifest.base_model.fingerprint == by_hand
+    assert by_hand in (SPEC / "SPEC.md").read_text(), "the spec's worked example must show this value"
+
+
+def test_bfloat16_rounding_is_to_nearest_even():
+    # 1 + 2^-8 lies halfway between two bfloat16 values: it rounds to the even one (1.0); 1 + 3·2^-8 rounds up.
+    halfway = np.array([1 + 2**-8, 1 + 3 * 2**-8], dtype=np.float32)
+    expected = torch.tensor(halfway).to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
+    assert _bfloat16_bits(halfway) == expected
+    assert np.frombuffer(expected, "<u2").tolist() == [0x3F80, 0x3F82]
