@@ -144,12 +144,12 @@ class MergePlan:
     def apply(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The new value of base tensor ``name`` (given its current value), in ``dtype`` (default: its own)."""
         dtype = dtype or tensor.dtype
-        if name in self.replacements:
+        if name in self.replacements:  # a full tensor takes the base's place; deltas on the same tensor add to it
             replacement = self.replacements.pop(name)
             if replacement.shape != tensor.shape:
                 raise AdapterError(f"{name}: the adapter's tensor is {list(replacement.shape)}, "
                                    f"the base's is {list(tensor.shape)}")
-            return replacement.to(dtype)
+            tensor = replacement
         self._compute_deltas(name.rpartition(".")[0])
         delta = self._pending.pop(name, None)
         if delta is None:
