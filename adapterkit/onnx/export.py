@@ -1,0 +1,166 @@
+"""Export a Hugging Face base model with adapters to ONNX: merged (adapters folded into the weights) or unmerged
+(one graph whose adapter slots are optional inputs, plus one ``.onnx_adapter`` file per adapter to switch between).
+
+The output folder holds ``model.onnx``, ``adapters/<name>.onnx_adapter`` (unmerged) and ``adapterkit.json``, which
+says what the graph takes and returns and which adapters exist. :class:`adapterkit.onnx.runner.Runner` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+import transformers
+from torch.export import Dim
+
+from adapterkit.adapter import Adapter
+from adapterkit.errors import AdapterError
+from adapterkit.merge import check_base, merge_into_model
+from adapterkit.onnx.adapter_files import write_onnx_adapter
+from adapterkit.onnx.exportable import ExportableModel, output_name, slot_defaults
+from adapterkit.onnx.graph import add_defaults, io_description
+from adapterkit.onnx.slots import DYNAMIC_AXIS, adapter_feeds, role_of
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = "adapterkit.json"
+MODEL_FILE = "model.onnx"
+TEXT_INPUTS = ("input_ids", "attention_mask")
+#: example sizes for the dynamic dims while tracing (≥ 2, and distinct, so the exporter keeps them symbolic)
+EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_SLOT = 2, 7, 3
+
+
+@dataclasses.dataclass
+class Exported:
+    """What :func:`export_onnx` wrote, and the torch module it traced (for verification)."""
+
+    folder: Path
+    merged: bool
+    torch_model: ExportableModel
+    #: adapter name -> the slot tensors it feeds (unmerged only)
+    feeds: dict[str, dict[str, torch.Tensor]]
+    description: dict
+
+
+def load_base(folder: str | os.PathLike) -> torch.nn.Module:
+    """The model class named by the folder's ``config.json`` (``architectures``), loaded in float32, eval mode."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"not a Hugging Face model folder: {exc}", folder) from None
+    architecture = (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture or "", None)
+    if model_class is None:
+        raise AdapterError(f"config.json names architecture {architecture!r}, which transformers does not know", folder)
+    model = model_class.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def adapter_names(refs: Sequence[str]) -> list[str]:
+    """Names for adapters given as paths: the file stems, made unique."""
+    names: list[str] = []
+    for ref in refs:
+        stem = Path(str(ref).rstrip("/")).name.split(".")[0] or "adapter"
+        name, number = stem, 2
+        while name in names:
+            name, number = f"{stem}_{number}", number + 1
+        names.append(name)
+    return names
+
+
+def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, merged: bool,
+                names: Sequence[str] | None = None, weights: Sequence[float] | None = None, opset: int | None = None,
+                force: bool = False, overwrite: bool = False) -> Exported:
+    """Export ``base`` (a Hugging Face folder) with ``adapters`` to the folder ``output``; see the module docstring."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise AdapterError("output folder exists and is not empty (use --overwrite)", output)
+    names = list(names or [f"adapter_{i}" for i in range(len(adapters))])
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(names) != len(adapters) or len(weights) != len(adapters):
+        raise AdapterError(f"{len(adapters)} adapters but {len(names)} names and {len(weights)} weights")
+    model = load_base(base)
+    for name, adapter in zip(names, adapters):
+        check_base(adapter, model, f"adapter {name!r}", force)
+
+    feeds: dict[str, dict[str, torch.Tensor]] = {}
+    if merged:
+        merge_into_model(model, adapters, weights, force=True)  # the base was checked above
+        torch_model = ExportableModel(model, {})
+    else:
+        modules = [n for n, _ in model.named_modules()]
+        feeds = {name: adapter_feeds(adapter, weight, modules) for name, adapter, weight in zip(names, adapters, weights)}
+        examples = {slot: tensor for adapter_feed in feeds.values() for slot, tensor in adapter_feed.items()}
+        torch_model = ExportableModel(model, slot_defaults(model, examples, examples))
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
+    try:
+        onnx_model = _trace(torch_model, model, opset)
+        add_defaults(onnx_model, torch_model.defaults)
+        onnx.save(onnx_model, staging / MODEL_FILE)
+        described = []
+        for name, adapter in zip(names, adapters):
+            entry = {"name": name, "kinds": adapter.manifest.kinds}
+            if not merged:
+                entry["file"] = f"adapters/{name}.onnx_adapter"
+                write_onnx_adapter(feeds[name], staging / entry["file"])
+            described.append(entry)
+        description = {
+            "format": "adapterkit-onnx",
+            "version": 1,
+            "mode": "merged" if merged else "unmerged",
+            "model": MODEL_FILE,
+            "base": os.fspath(base),
+            "inputs": io_description(onnx_model, TEXT_INPUTS),
+            "adapter_inputs": io_description(onnx_model, torch_model.slot_names),
+            "outputs": io_description(onnx_model, [output_name(model)]),
+            "adapters": described,
+            "weights": weights,
+        }
+        (staging / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("exported %s (%s, %d adapters)", output, description["mode"], len(adapters))
+    return Exported(output, merged, torch_model, feeds, description)
+
+
+def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | None) -> onnx.ModelProto:
+    """torch.export (dynamo) the module with dynamic batch, sequence and slot dims; the ONNX model in memory."""
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQUENCE), generator=generator)
+    attention_mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_SEQUENCE, dtype=torch.long)
+    batch, sequence = Dim("batch"), Dim("sequence")
+    slot_examples, slot_shapes, slot_dims = [], [], {}
+    for number, name in enumerate(torch_model.slot_names):
+        default, role = torch_model.defaults[name], role_of(name)
+        axis = DYNAMIC_AXIS.get(role)
+        if axis is None:
+            slot_examples.append(default)
+            slot_shapes.append(None)
+            continue
+        module = name.rpartition(".")[0]  # A and B (key and value) of one module share their dim
+        dim = slot_dims.setdefault(module, Dim(f"{'lora_r' if role.startswith('lora') else 'prefix_length'}_{number}"))
+        shape = list(default.shape)
+        shape[axis] = EXAMPLE_SLOT
+        slot_examples.append(torch.randn(shape, generator=generator) * 0.01)
+        slot_shapes.append({axis: dim})
+    program = torch.onnx.export(
+        torch_model, (input_ids, attention_mask, *slot_examples), dynamo=True, opset_version=opset,
+        input_names=[*TEXT_INPUTS, *torch_model.slot_names], output_names=[output_name(model)],
+        dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}, tuple(slot_shapes)),  # *slots: one tuple
+        optimize=True, verbose=False,
+    )
+    return program.model_proto

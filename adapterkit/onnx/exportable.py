@@ -1,0 +1,181 @@
+"""A Hugging Face model made exportable: plain tensor inputs in, one tensor out, adapter slots as extra inputs.
+
+:class:`ExportableModel` wraps a causal LM, encoder or classifier as ``forward(input_ids, attention_mask, *slots)``
+returning ``logits`` (or ``last_hidden_state``). Before it calls the model it puts the slot tensors where the slot
+modules read them:
+
+- LoRA and BitFit: the base Linear / Conv1D is wrapped, computing base(x) + (x Aᵀ) Bᵀ + Δb (the scale is in B).
+- Prefix tuning: the model's attention function is swapped for one that prepends the layer's prefix keys and values
+  (expanded over the batch) and grows the attention mask by p columns that every query may attend (Li & Liang 2021).
+  Keys and values are plain tensors, not transformers caches, which the exporter handles badly.
+- ``full`` tensors: the base parameter is parametrized (torch.nn.utils.parametrize) to return the fed tensor.
+
+With each slot at its default (r = 0, p = 0, Δb = 0, base tensor) the module computes exactly the base model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from adapterkit.errors import AdapterError
+from adapterkit.onnx.slots import module_of, role_of
+
+PREFIX_ATTENTION = "adapterkit_prefix"
+
+
+class SlotValues:
+    """The slot tensors of the current call, shared by the slot modules (a plain object: torch.export copies dict
+    attributes of modules while tracing, which would unshare them)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = dict(tensors)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def update(self, pairs) -> None:
+        self._tensors.update(pairs)
+
+
+class SlotModule(nn.Module):
+    """A base Linear or Conv1D plus a LoRA slot and/or a BitFit slot, read from the shared ``values``."""
+
+    def __init__(self, base: nn.Module, values: SlotValues, lora: str | None, bias: str | None):
+        super().__init__()
+        self.base = base
+        self.values = values
+        self.lora, self.bias = lora, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.lora is not None:
+            a, b = self.values[f"{self.lora}.lora_A"], self.values[f"{self.lora}.lora_B"]
+            y = y + (x @ a.T) @ b.T
+        if self.bias is not None:
+            y = y + self.values[f"{self.bias}.bias_delta"]
+        return y
+
+
+class FedTensor(nn.Module):
+    """A parametrization that replaces a base parameter by the tensor fed into slot ``name``."""
+
+    def __init__(self, values: SlotValues, name: str):
+        super().__init__()
+        self.values, self.name = values, name
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        return self.values[self.name]
+
+
+def prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention with the module's prefix keys and values prepended (``module.prefix_slot`` names them)."""
+    slot = getattr(module, "prefix_slot", None)
+    if slot is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    values, name = slot
+    batch, q_len, k_len = key.shape[0], query.shape[2], key.shape[2]
+    prefix_key = values[f"{name}.prefix_key"].to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+    prefix_value = values[f"{name}.prefix_value"].to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+    p = prefix_key.shape[2]
+    if attention_mask is None and getattr(module, "is_causal", False):
+        # build the causal mask sdpa would have used (bottom-right aligned), so the prefix columns can go in front
+        rows = torch.arange(q_len, device=query.device)[:, None]
+        cols = torch.arange(k_len, device=query.device)[None, :]
+        attention_mask = (cols <= rows + (k_len - q_len))[None, None]
+    if attention_mask is not None:
+        attend = torch.ones if attention_mask.dtype == torch.bool else torch.zeros  # bool: True attends; float: +0
+        pad = attend((*attention_mask.shape[:-1], p), dtype=attention_mask.dtype, device=attention_mask.device)
+        attention_mask = torch.cat([pad, attention_mask], dim=-1)
+    kwargs["is_causal"] = False
+    return sdpa_attention_forward(module, query, torch.cat([prefix_key, key], dim=2),
+                                  torch.cat([prefix_value, value], dim=2), attention_mask, **kwargs)
+
+
+AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
+
+
+def task_output(output) -> torch.Tensor:
+    """The tensor an exported graph returns: ``logits`` for LMs and classifiers, else ``last_hidden_state``."""
+    for name in ("logits", "last_hidden_state"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    raise AdapterError(f"the model returns {type(output).__name__}, which has neither logits nor last_hidden_state")
+
+
+def output_name(model: nn.Module) -> str:
+    return "last_hidden_state" if model.__class__.__name__.endswith("Model") else "logits"
+
+
+class ExportableModel(nn.Module):
+    """``forward(input_ids, attention_mask, *slot tensors in the order of slot_names)`` -> the task output."""
+
+    def __init__(self, model: nn.Module, defaults: dict[str, torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.slot_names = list(defaults)
+        self.defaults = defaults
+        self.values = SlotValues(defaults)
+        self._install()
+
+    def _install(self) -> None:
+        modules = dict(self.model.named_modules())
+        by_module: dict[str, set[str]] = {}
+        for name in self.slot_names:
+            by_module.setdefault(module_of(name), set()).add(role_of(name))
+        for module_name, roles in by_module.items():
+            module = modules[module_name]
+            if {"lora_A", "bias_delta"} & roles:
+                if not hasattr(module, "weight") or module.weight.ndim != 2 or isinstance(module, nn.Embedding):
+                    raise AdapterError(f"{module_name} is a {type(module).__name__}: only Linear-like modules take "
+                                       "LoRA or BitFit slots in an ONNX export")
+                wrapped = SlotModule(module, self.values, module_name if "lora_A" in roles else None,
+                                     module_name if "bias_delta" in roles else None)
+                parent, _, child = module_name.rpartition(".")
+                setattr(modules[parent] if parent else self.model, child, wrapped)
+            if "prefix_key" in roles:
+                module.prefix_slot = (self.values, module_name)
+            for parameter in roles - {"lora_A", "lora_B", "bias_delta", "prefix_key", "prefix_value"}:
+                parametrize.register_parametrization(module, parameter, FedTensor(self.values, f"{module_name}.{parameter}"),
+                                                     unsafe=True)
+        if any(role_of(n) == "prefix_key" for n in self.slot_names):
+            self.model.set_attn_implementation(PREFIX_ATTENTION)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *slots: torch.Tensor) -> torch.Tensor:
+        self.values.update(zip(self.slot_names, slots))
+        kwargs = {"use_cache": False} if "use_cache" in self.model.config.to_dict() else {}
+        return task_output(self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            feeds: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Eager forward with the slots of ``feeds`` filled and the others at their defaults."""
+        feeds = feeds or {}
+        with torch.no_grad():
+            return self(input_ids, attention_mask, *(feeds.get(n, self.defaults[n]) for n in self.slot_names))
+
+
+def slot_defaults(model: nn.Module, slot_names, examples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The value of each slot when no adapter fills it: empty LoRA (r = 0) and prefix (p = 0), zero Δb, the base
+    tensor for ``full``. ``examples`` (one fed tensor per slot) give the fixed dims."""
+    parameters = dict(model.named_parameters())
+    defaults = {}
+    for name in sorted(slot_names):
+        role, example = role_of(name), examples[name]
+        if role == "lora_A":
+            defaults[name] = torch.zeros(0, example.shape[1])
+        elif role == "lora_B":
+            defaults[name] = torch.zeros(example.shape[0], 0)
+        elif role in ("prefix_key", "prefix_value"):
+            defaults[name] = torch.zeros(example.shape[0], 0, example.shape[2])
+        elif role == "bias_delta":
+            defaults[name] = torch.zeros(example.shape)
+        elif name in parameters:
+            defaults[name] = parameters[name].detach().float().clone()
+        else:
+            raise AdapterError(f"the adapter brings {name}, which this model has no parameter for")
+    return defaults
