@@ -47,6 +47,8 @@ def _check_unique_names(components: list) -> None:
         if not isinstance(component, dict):
             continue
         name = component.get("name")
+        if not isinstance(name, str):
+            continue  # the schema names the problem
         if name in seen:
             raise AdapterError(f"two components are named {name!r}")
         seen.add(name)
