@@ -1,0 +1,187 @@
+"""The training loop: a new adapter attached to the frozen base, AdamW on the adapter's parameters only.
+
+Scale-out: run the same command under ``torchrun --nproc_per_node N``. Each process then trains on its share of
+every global batch (``DistributedSampler``; gloo on CPU, NCCL on GPU) and the gradients are summed across processes
+before each step, which is what ``DistributedDataParallel`` does. We reduce the adapter's gradients ourselves (one
+flat all-reduce per step) rather than wrapping the model in DDP because the trainable tensors belong to the attached
+adapter, not to the base model's own parameter set; it also keeps the frozen base out of DDP's bookkeeping. Each
+process's loss is the sum of its example losses divided by the *global* batch size, so the summed gradient equals the
+single-process gradient of the same global batch: with the same seed, N processes reproduce a one-process run (up to
+float rounding), as long as the model has no dropout. Only rank 0 shows progress, evaluates and returns the adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from adapterkit.adapter import Adapter
+from adapterkit.attach import attach
+from adapterkit.errors import AdapterError
+from adapterkit.manifest import Manifest
+from adapterkit.train.base import base_record, load_base
+from adapterkit.train.data import Collator, file_sha256, load_examples
+from adapterkit.train.evaluate import evaluate, example_losses
+from adapterkit.train.init import new_components
+
+log = logging.getLogger(__name__)
+
+#: learning rates that work for each method on small models (prefix tuning needs a larger one, Li & Liang 2021)
+DEFAULT_LR = {"lora": 1e-3, "bitfit": 1e-3, "prefix": 1e-2, "full": 1e-4}
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    task: str
+    data: str
+    eval_data: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    targets: list[str] | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    prefix_length: int = 8
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs
+    lr: float | None = None  # None: DEFAULT_LR[method]
+    batch_size: int = 16  # global: split across processes
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    adapter: Adapter | None  # None on ranks other than 0
+    steps: int
+    seconds: float  # wall time of the optimisation steps (no evaluation)
+    history: list[dict] = field(default_factory=list)  # eval metrics after each epoch
+
+    @property
+    def is_main(self) -> bool:
+        return self.adapter is not None
+
+
+@dataclass
+class Processes:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+@contextmanager
+def processes():
+    """This process's place among ``torchrun``'s (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), or a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if world_size == 1:
+        yield Processes(0, 1, device)
+        return
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield Processes(dist.get_rank(), world_size, device)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """All-reduce (sum) the gradients of ``parameters`` across processes, as one flat tensor."""
+    grads = [p.grad for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: bool = True) -> TrainResult:
+    """Train a new ``config.method`` adapter on the base model folder ``base``. ``on_eval(epoch, metrics)`` is called
+    on rank 0 after each epoch's evaluation."""
+    labels_field = config.label_field if config.task == "classify" else None
+    examples = load_examples(config.data, config.text_field, labels_field)
+    eval_examples = (load_examples(config.eval_data, config.text_field, labels_field, examples.labels)
+                     if config.eval_data else None)
+    lr = config.lr if config.lr is not None else DEFAULT_LR.get(config.method, 1e-3)
+    with processes() as procs:
+        if config.batch_size % procs.world_size:
+            raise AdapterError(f"batch size {config.batch_size} does not split evenly over {procs.world_size} processes")
+        loaded = load_base(base, config.task, examples.labels, config.seed)
+        model = loaded.model.to(procs.device).requires_grad_(False).train()
+        components, tensors = new_components(
+            model, config.method, targets=config.targets, rank=config.rank, alpha=config.alpha,
+            prefix_length=config.prefix_length, head=loaded.head,
+            generator=torch.Generator().manual_seed(config.seed))
+        adapter = Adapter(Manifest(components=components, base_model=base_record(base, loaded.head)), tensors)
+        handle = attach(model, adapter, trainable=True)  # also checks the model against the folder's fingerprint
+        parameters = list(handle.parameters())
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+
+        sampler = DistributedSampler(range(len(examples)), num_replicas=procs.world_size, rank=procs.rank,
+                                     shuffle=True, seed=config.seed, drop_last=True)
+        loader = DataLoader(range(len(examples)), batch_size=config.batch_size // procs.world_size, sampler=sampler,
+                            collate_fn=Collator(examples, loaded.tokenizer), drop_last=True)
+        if len(loader) == 0:
+            raise AdapterError(f"{config.data}: {len(examples)} examples make no batch of {config.batch_size}")
+        total_steps = config.steps or config.epochs * len(loader)
+        epochs = math.ceil(total_steps / len(loader))
+        main = procs.rank == 0
+        bar = tqdm(total=total_steps, desc=f"train {config.method}", disable=not (progress and main), leave=False)
+        step, seconds, history = 0, 0.0, []
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            for batch in loader:
+                if step == total_steps:
+                    break
+                batch = {k: v.to(procs.device) for k, v in batch.items()}
+                losses, _ = example_losses(model, batch, config.task)
+                (losses.sum() / config.batch_size).backward()
+                if procs.world_size > 1:
+                    sum_gradients(parameters)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses.mean().item():.4f}")
+            seconds += time.perf_counter() - started
+            if main and eval_examples is not None:
+                metrics = evaluate(model, loaded.tokenizer, eval_examples, config.task, device=procs.device)
+                history.append({"epoch": epoch + 1, "step": step, **metrics})
+                log.info("epoch %d (step %d): %s", epoch + 1, step, metrics)
+                if on_eval is not None:
+                    on_eval(epoch + 1, metrics)
+        bar.close()
+        trained = handle.to_adapters()[0] if main else None
+        handle.detach()
+    if trained is not None:
+        trained.manifest.training = training_record(config, lr, step, epochs, examples.labels, history)
+    return TrainResult(trained, step, seconds, history)
+
+
+def training_record(config: TrainConfig, lr: float, steps: int, epochs: int, labels, history) -> dict:
+    record = {
+        "method": config.method, "task": config.task, "steps": steps, "epochs": epochs, "lr": lr,
+        "batch_size": config.batch_size, "seed": config.seed,
+        "data": {"file": os.path.basename(config.data), "sha256": file_sha256(config.data)},
+    }
+    if config.eval_data:
+        record["eval_data"] = {"file": os.path.basename(config.eval_data), "sha256": file_sha256(config.eval_data)}
+    if labels:
+        record["labels"] = list(labels)
+    if history:
+        record["eval"] = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
+    return record
