@@ -50,6 +50,8 @@ class AttachedAdapters:
         self._modules = {name for name, _ in model.named_modules()}
         self._undo: list[Callable[[], None]] = []
         self._wrappers: dict[tuple[str, type], AdapterWrapper] = {}
+        #: what a kind's module keeps for the length of this attach (the prefix module: its stores)
+        self.shared: dict[str, object] = {}
         self.attached = True
 
     # -- used by the per-kind modules -------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""attach / detach of prefix tuning, checked against PEFT's PrefixTuningConfig models (which feed the prefix to the
+model as past key/values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+import tiny_models
+from adapterkit import Adapter, AdapterError, BaseModel, Component, Manifest, fingerprint
+from adapterkit.adapter import tensor_name
+from adapterkit.attach import attach
+from test_attach import assert_restored, snapshot
+
+PREFIX_LENGTH = 3
+IDS = torch.tensor([[1, 5, 9, 33, 2, 77, 100, 3], [4, 8, 15, 16, 23, 42, 99, 127]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]])  # the second row is left-padded
+
+CASES = {  # model, PEFT task type, attention module of layer i, model output
+    "llama": (tiny_models.llama, TaskType.CAUSAL_LM, "model.layers.{}.self_attn", "logits"),
+    "gpt2": (tiny_models.gpt2, TaskType.CAUSAL_LM, "transformer.h.{}.attn", "logits"),
+    "bert": (tiny_models.bert, TaskType.FEATURE_EXTRACTION, "encoder.layer.{}.attention.self", "last_hidden_state"),
+}
+
+
+def peft_prefix_model(build, task_type):
+    """A PEFT prefix-tuning model with a random prefix (its prompt encoder is a plain embedding)."""
+    peft_model = get_peft_model(build(), PrefixTuningConfig(task_type=task_type, num_virtual_tokens=PREFIX_LENGTH))
+    embedding = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        embedding.copy_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(5)))
+    return peft_model.eval()
+
+
+def adapter_from_peft(peft_model, module_name: str, base) -> Adapter:
+    """Our prefix adapter holding PEFT's prefix: its embedding [p, layers·2·kv_heads·head_dim] is viewed as
+    [p, layers·2, kv_heads, head_dim] (key of layer i at 2i, value at 2i+1), as PEFT's get_prompt does."""
+    config = peft_model.active_peft_config
+    heads = config.num_attention_heads
+    per_layer = peft_model.prompt_encoder["default"].embedding.weight.detach().view(
+        PREFIX_LENGTH, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
+    targets = [module_name.format(i) for i in range(config.num_layers)]
+    tensors = {}
+    for i, target in enumerate(targets):
+        tensors[tensor_name("prefix", target, "prefix_key")] = per_layer[2 * i].clone()
+        tensors[tensor_name("prefix", target, "prefix_value")] = per_layer[2 * i + 1].clone()
+    manifest = Manifest([Component("prefix", "prefix", targets, {"prefix_length": PREFIX_LENGTH})],
+                        BaseModel("tiny", None, fingerprint(base)))
+    return Adapter(manifest, tensors)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", CASES)
+def test_prefix_matches_peft_and_detach_restores_the_model(case, implementation):
+    build, task_type, module_name, field = CASES[case]
+    peft_model = peft_prefix_model(build, task_type)
+    model = build()
+    model.set_attn_implementation(implementation)
+    adapter = adapter_from_peft(peft_model, module_name, model)
+    with torch.no_grad():
+        reference = getattr(peft_model(input_ids=IDS, attention_mask=MASK), field)
+        reference_unmasked = getattr(peft_model(input_ids=IDS), field)
+        before, base_output = snapshot(model), getattr(model(input_ids=IDS, attention_mask=MASK), field)
+        assert not torch.allclose(reference, base_output, atol=1e-3)
+        with attach(model, adapter):
+            assert model.config._attn_implementation != implementation
+            torch.testing.assert_close(getattr(model(input_ids=IDS, attention_mask=MASK), field)[MASK.bool()],
+                                       reference[MASK.bool()], atol=1e-5, rtol=0)
+            torch.testing.assert_close(getattr(model(input_ids=IDS), field), reference_unmasked, atol=1e-5, rtol=0)
+        assert model.config._attn_implementation == implementation
+        assert_restored(model, before)
+        assert torch.equal(getattr(model(input_ids=IDS, attention_mask=MASK), field), base_output)
+
+
+def test_prefix_cannot_be_weighted():
+    peft_model = peft_prefix_model(tiny_models.llama, TaskType.CAUSAL_LM)
+    model = tiny_models.llama()
+    adapter = adapter_from_peft(peft_model, CASES["llama"][2], model)
+    before = snapshot(model)
+    with pytest.raises(AdapterError, match="cannot be weighted"):
+        attach(model, adapter, weights=[0.5])
+    assert_restored(model, before)
+    assert model.config._attn_implementation == "sdpa"
