@@ -157,7 +157,7 @@ class MergePlan:
         if delta.shape != tensor.shape:
             raise AdapterError(f"{name}: the adapter's delta is {list(delta.shape)}, the base tensor is "
                                f"{list(tensor.shape)}")
-        return (tensor.float() + delta).to(dtype)
+        return delta.add_(tensor.float()).to(dtype)  # the delta is ours alone: add in place, saving a copy
 
     def _compute_deltas(self, module: str) -> None:
         for part in self._parts.pop(module, ()):

@@ -30,7 +30,7 @@ from adapterkit.errors import AdapterError
 from adapterkit.fileformat import DTYPES
 from adapterkit.fingerprint import fingerprint
 from adapterkit.merge import MergePlan, adapter_digest, check_base
-from adapterkit.safetensors_writer import StreamedSafetensorsWriter
+from adapterkit.safetensors_writer import StreamedSafetensorsWriter, data_offsets
 from adapterkit.sources import load_adapter
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,10 @@ def _rewrite(source_dir, adapters, weights, sign, out_dir, dtype, overwrite, rec
 
 def _write_shards(checkpoint: Checkpoint, plan: MergePlan, out: Path, dtype: torch.dtype | None, sign: float) -> None:
     layout: dict[Path, list[tuple[str, torch.dtype, list[int]]]] = {}
+    stored_dtypes: dict[str, torch.dtype] = {}
     for name in sorted(checkpoint.names()):
         view = checkpoint.slice(name)
-        stored = DTYPES[view.get_dtype()]
+        stored = stored_dtypes[name] = DTYPES[view.get_dtype()]
         layout.setdefault(checkpoint.shard_of[name], []).append(
             (name, dtype if dtype is not None and stored.is_floating_point else stored, list(view.get_shape())))
     last_shard = checkpoint.shards[-1]
@@ -153,12 +154,15 @@ def _write_shards(checkpoint: Checkpoint, plan: MergePlan, out: Path, dtype: tor
     total = sum(torch.Size(shape).numel() * d.itemsize for entries in layout.values() for _, d, shape in entries)
     with tqdm(total=total, unit="B", unit_scale=True, desc="merge" if sign > 0 else "unmerge") as progress:
         for shard, entries in layout.items():
+            offsets = data_offsets(shard)
             with StreamedSafetensorsWriter(out / shard.name, entries, checkpoint.metadata(shard)) as writer:
-                for name, out_dtype, _ in entries:
-                    tensor = plan.additions[name] if name not in checkpoint else checkpoint.get(name)
-                    new = plan.apply(name, tensor, out_dtype) if plan.touches(name) else tensor.to(out_dtype)
-                    writer.write(name, new)
-                    progress.update(new.numel() * new.element_size())
+                for name, out_dtype, shape in entries:
+                    if name in checkpoint and not plan.touches(name) and out_dtype == stored_dtypes[name]:
+                        writer.copy(name, shard, *offsets[name])  # unchanged: copied byte for byte
+                    else:
+                        tensor = plan.additions[name] if name not in checkpoint else checkpoint.get(name)
+                        writer.write(name, plan.apply(name, tensor, out_dtype))
+                    progress.update(torch.Size(shape).numel() * out_dtype.itemsize)
     plan.check_done()
     if checkpoint.is_folder and (checkpoint.path / INDEX_FILE).is_file():
         index = {"metadata": {"total_size": total},
