@@ -11,6 +11,7 @@ import tiny_models
 from adapterkit import Adapter, AdapterError, BaseModel, Component, Manifest, fingerprint
 from adapterkit.adapter import tensor_name
 from adapterkit.attach import attach
+from adapterkit.merge import merge_into_model
 from test_attach import assert_restored, snapshot
 
 PREFIX_LENGTH = 3
@@ -82,3 +83,36 @@ def test_prefix_cannot_be_weighted():
         attach(model, adapter, weights=[0.5])
     assert_restored(model, before)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_lora_and_prefix_attach_together_and_export():
+    """PEFT cannot hold LoRA and a prefix in one model; the reference is PEFT's prefix model on a base into which
+    the LoRA was merged."""
+    peft_model = peft_prefix_model(tiny_models.llama, TaskType.CAUSAL_LM)
+    model = tiny_models.llama()
+    prefix = adapter_from_peft(peft_model, CASES["llama"][2], model)
+    lora = tiny_models.random_lora(model, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"])
+    merge_into_model(peft_model.get_base_model(), [lora])
+    inputs = {"input_ids": IDS, "attention_mask": MASK, "use_cache": False}
+    with torch.no_grad():
+        reference = peft_model(input_ids=IDS, attention_mask=MASK).logits[MASK.bool()]
+        with attach(model, [lora, prefix]) as handle:
+            torch.testing.assert_close(model(**inputs).logits[MASK.bool()], reference, atol=1e-5, rtol=0)
+            program = torch.export.export(model, (), inputs)
+            torch.testing.assert_close(program.module()(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=0)
+            assert set(handle.parameter_names().values()) <= set(program.graph_signature.parameters)
+
+
+def test_two_prefixes_attach_as_their_concatenation():
+    peft_model = peft_prefix_model(tiny_models.llama, TaskType.CAUSAL_LM)
+    model = tiny_models.llama()
+    first = adapter_from_peft(peft_model, CASES["llama"][2], model)
+    second = Adapter(first.manifest, {k: torch.flip(v, dims=[1]) * 0.5 for k, v in first.tensors.items()})
+    joined = Adapter(Manifest([Component("prefix", "prefix", first.components[0].targets,
+                                         {"prefix_length": 2 * PREFIX_LENGTH})], first.manifest.base_model),
+                     {k: torch.cat([v, second.tensors[k]], dim=1) for k, v in first.tensors.items()})
+    with torch.no_grad():
+        with attach(model, joined):
+            reference = model(input_ids=IDS, attention_mask=MASK).logits
+        with attach(model, [first, second]):
+            torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, reference, atol=1e-6, rtol=0)
