@@ -59,13 +59,11 @@ def describe(adapter: Adapter, path: str | os.PathLike | None = None) -> dict:
 
 
 def _compact_targets(names: list[str]) -> str:
-    """``model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj`` -> ``*.self_attn.q_proj (x2)``."""
-    suffixes: dict[str, int] = {}
+    """``model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj`` -> ``model.layers.*.self_attn.q_proj (x2)``."""
+    groups: dict[str, list[str]] = {}
     for name in names:
-        parts = name.split(".")
-        suffix = ".".join(p for p in parts if not p.isdigit())
-        suffixes[suffix] = suffixes.get(suffix, 0) + 1
-    return ", ".join(f"{s} (x{n})" if n > 1 else s for s, n in suffixes.items())
+        groups.setdefault(".".join(p if not p.isdigit() else "*" for p in name.split(".")), []).append(name)
+    return ", ".join(f"{s} (x{len(members)})" if len(members) > 1 else members[0] for s, members in groups.items())
 
 
 def render(summary: dict) -> str:
@@ -100,7 +98,7 @@ def render(summary: dict) -> str:
         for source in composition["sources"]:
             lines.append(f"  from {source['name']} (weight {source['weight']:g}, sha256 {source['sha256'][:16]}…)")
         error = composition.get("error") or {}
-        if "relative" in error:
+        if isinstance(error.get("relative"), (int, float)):
             lines.append(f"  relative Frobenius error {error['relative']:.3e}")
     training = summary.get("training")
     if training:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from adapterkit import Adapter, AdapterError
 from adapterkit.fileformat import MANIFEST_KEY, parse
-from cli_runner import run_cli
+from cli_runner import call_cli, run_cli
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 EXPECTED = json.loads((VECTORS / "expected.json").read_text())
@@ -202,7 +202,7 @@ def test_cli_reports_a_mangled_file_in_one_line(tmp_path, command):
     mangled[40:48] = b"\xff\x00{[]}\"\\"
     path = tmp_path / "mangled.safetensors"
     path.write_bytes(bytes(mangled))
-    result = run_cli(command, path)
+    result = (run_cli if command == "validate" else call_cli)(command, path)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "Traceback" not in output and "internal error" not in output

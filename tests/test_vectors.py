@@ -17,7 +17,7 @@ import torch
 
 from adapterkit import AdapterError, fingerprint, load
 from adapterkit.kinds import get_kind
-from cli_runner import run_cli
+from cli_runner import call_cli, run_cli
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
 VECTORS = SPEC / "vectors"
@@ -61,7 +61,7 @@ def test_cli_validate_reports_every_file_on_one_line():
 
 def test_cli_validate_exits_0_when_all_files_are_valid():
     files = [str(VECTORS / name) for name, verdict in sorted(EXPECTED.items()) if verdict["valid"]]
-    result = run_cli("validate", *files)
+    result = call_cli("validate", *files)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [f"valid: {f}" for f in files]
 
