@@ -133,14 +133,17 @@ def fetch(repo_id: str, revision: str | None = None, filename: str | None = None
         if not isinstance(filename, str) or not filename:
             raise AdapterError(f"{RECORD_FILE} names no adapter file", where)
         path = hf_hub_download(repo_id, filename, revision=commit, endpoint=endpoint())
-    expected = record.get("sha256") if record.get("file") == filename else None
-    if expected is None:
-        log.warning("%s/%s: no sha256 recorded in %s; checking the format only", where, filename, RECORD_FILE)
-    else:
-        actual = sha256_of(path)
-        if actual != expected:
-            raise AdapterError(f"{filename}: sha256 {actual[:16]}… differs from {expected[:16]}… recorded at push in "
-                               f"{RECORD_FILE}: the file is corrupt or was tampered with; refusing it", where)
+        expected = record.get("sha256") if record.get("file") == filename else None
+        if expected is None:
+            log.warning("%s/%s: no sha256 recorded in %s; checking the format only", where, filename, RECORD_FILE)
+        elif sha256_of(path) != expected:  # a damaged cache copy would fail forever: fetch it once more
+            log.warning("%s/%s: sha256 mismatch in the local cache; downloading again", where, filename)
+            path = hf_hub_download(repo_id, filename, revision=commit, endpoint=endpoint(), force_download=True)
+            actual = sha256_of(path)
+            if actual != expected:
+                raise AdapterError(f"{filename}: sha256 {actual[:16]}… differs from {expected[:16]}… recorded at "
+                                   f"push in {RECORD_FILE}: the file is corrupt or was tampered with; refusing it",
+                                   where)
     try:
         load(path)
     except AdapterError as exc:

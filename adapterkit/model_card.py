@@ -28,7 +28,8 @@ def model_card(adapter: Adapter, *, repo_id: str, filename: str, sha256: str, si
     kinds = adapter.manifest.kinds
     base = hub_base_model(adapter)
     data = ModelCardData(library_name="adapterkit", base_model=base, tags=["adapterkit", *kinds])
-    base_text = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{adapter.manifest.base_model.id or '(unnamed)'}`"
+    base_text = (f"[`{base}`](https://huggingface.co/{base})" if base
+                 else f"`{adapter.manifest.base_model.id or '(unnamed)'}`")
     body = f"""
 # {repo_id.split('/')[-1]}
 
@@ -46,15 +47,15 @@ An [adapterkit](https://pypi.org/project/adapterkit/) adapter ({', '.join(kinds)
 
 ```bash
 pip install adapterkit
-adapterkit pull {repo_id} -o {filename}      # verified download
-adapterkit inspect hf://{repo_id}            # an hf:// reference works wherever a file path does
+adapterkit pull {repo_id} -o {filename}    # downloads and verifies the sha256 above
+adapterkit inspect hf://{repo_id}    # an hf:// reference works wherever a file path does
 adapterkit merge BASE_MODEL_DIR/ hf://{repo_id} -o merged/
 ```
 
 ```python
 from adapterkit.sources import load_adapter
 
-adapter = load_adapter("hf://{repo_id}")    # add @REVISION for a branch, tag or commit
+adapter = load_adapter("hf://{repo_id}")  # hf://{repo_id}@REVISION for a branch, tag or commit
 ```
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

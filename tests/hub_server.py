@@ -46,7 +46,7 @@ class Commit:
     parent: str | None
     message: str
     files: dict[str, bytes]
-    lfs: set[str] = field(default_factory=set)  # which paths are LFS files
+    lfs: dict[str, str] = field(default_factory=dict)  # LFS files: path -> the sha256 oid they were committed with
 
 
 @dataclass
@@ -79,7 +79,7 @@ class HubState:
         self.lock = threading.RLock()
         self._serial = count()
 
-    def new_commit(self, repo: Repo, branch: str, message: str, files: dict[str, bytes], lfs: set[str]) -> Commit:
+    def new_commit(self, repo: Repo, branch: str, message: str, files: dict[str, bytes], lfs: dict[str, str]) -> Commit:
         parent = repo.branches.get(branch)
         digest = hashlib.sha1(f"{repo.repo_id}\0{parent}\0{message}\0{next(self._serial)}".encode())
         for path in sorted(files):
@@ -246,7 +246,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             raise HubError(409, "You already created this model repo", extra={"url": url})
         repo = Repo(repo_id, private=request.get("visibility") == "private" or bool(request.get("private")))
         self.hub.repos[repo_id] = repo
-        self.hub.new_commit(repo, "main", "initial commit", {".gitattributes": GITATTRIBUTES}, set())
+        self.hub.new_commit(repo, "main", "initial commit", {".gitattributes": GITATTRIBUTES}, {})
         return 200, {"url": url, "name": repo_id}, {}
 
     def repo_info(self, repo_id, revision="main"):
@@ -273,7 +273,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         for path, data in sorted(commit.files.items()):
             entry = {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
             if path in commit.lfs:
-                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                entry["lfs"] = {"oid": commit.lfs[path], "size": len(data), "pointerSize": 134}
             entries.append(entry)
         return 200, entries, {}
 
@@ -342,7 +342,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         repo = self.hub.repo(repo_id)
         branch = self._branch(repo, revision)
         parent = repo.commits[repo.branches[branch]]
-        files, lfs = dict(parent.files), set(parent.lfs)
+        files, lfs = dict(parent.files), dict(parent.lfs)
         message = "commit"
         for line in self.body.splitlines():
             item = json.loads(line)
@@ -353,15 +353,15 @@ class _HubHandler(BaseHTTPRequestHandler):
                     raise HubError(412, "parentCommit is not the branch head")
             elif key == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
-                lfs.discard(value["path"])
+                lfs.pop(value["path"], None)
             elif key == "lfsFile":
                 if value["oid"] not in self.hub.lfs_objects:
                     raise HubError(422, f"LFS object {value['oid']} was never uploaded")
                 files[value["path"]] = self.hub.lfs_objects[value["oid"]]
-                lfs.add(value["path"])
+                lfs[value["path"]] = value["oid"]
             elif key == "deletedFile":
                 files.pop(value["path"], None)
-                lfs.discard(value["path"])
+                lfs.pop(value["path"], None)
             else:
                 raise HubError(400, f"unsupported commit operation {key!r}")
         commit = self.hub.new_commit(repo, branch, message, files, lfs)
@@ -375,7 +375,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         if path not in commit.files:
             raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.oid})
         data = commit.files[path]
-        # like the Hub: an LFS file's ETag is its sha256, a regular file's its git blob id (of the stored bytes)
-        etag = hashlib.sha256(data).hexdigest() if path in commit.lfs else git_blob_sha1(data)
+        # like the Hub: an LFS file's ETag is its oid (the sha256 it was committed with, even if the stored bytes
+        # were damaged since), a regular file's its git blob id
+        etag = commit.lfs.get(path) or git_blob_sha1(data)
         return 200, data, {"X-Repo-Commit": commit.oid, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}
 

@@ -1,4 +1,4 @@
-"""Push and pull on the Hugging Face Hub: the REAL huggingface_hub client against our loopback Hub (tests/hub_server.py).
+"""Push and pull on the Hugging Face Hub: the REAL huggingface_hub client against our loopback Hub (hub_server.py).
 
 Each test gets its own server, HF_ENDPOINT, HF_HOME and cache; nothing leaves the machine.
 """
@@ -211,6 +211,11 @@ def test_tampered_upload_is_refused(hub, adapter_a, tmp_path, capsys, tampered):
     assert not out.exists()
     with pytest.raises(AdapterError, match="tampered"):
         load_adapter(f"hf://{REPO}")
+    if tampered == "adapter bytes":  # repaired on the Hub: the bad copy in the local cache is fetched again
+        hub.tamper(REPO, "adapter.safetensors", adapter_a.read_bytes())
+        code, _, err = cli(capsys, "pull", REPO, "-o", out)
+        assert code == 0, err
+        assert out.read_bytes() == adapter_a.read_bytes()
 
 
 def test_a_file_that_is_no_adapter_is_refused_even_with_a_matching_record(hub, adapter_a, tmp_path, capsys):
