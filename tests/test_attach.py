@@ -232,3 +232,18 @@ def test_attached_lora_exports_with_torch_export():
         torch.testing.assert_close(exported, output(model), atol=1e-5, rtol=0)
         names = set(program.graph_signature.parameters)
         assert set(handle.parameter_names().values()) <= names
+
+
+def test_a_second_attach_stacks_on_the_first_and_detaches_in_reverse_order():
+    model = tiny_models.llama()
+    first = tiny_models.random_lora(model, LLAMA_TARGETS[:3], seed=1)
+    second = tiny_models.random_lora(model, LLAMA_TARGETS[1:4], seed=2)
+    with attach(model, [first, second]):
+        reference = output(model)
+    before = snapshot(model)
+    outer = attach(model, first)
+    inner = attach(model, second)  # the base fingerprint is still found under the first adapter's wrappers
+    torch.testing.assert_close(output(model), reference, atol=1e-6, rtol=0)
+    inner.detach()
+    outer.detach()
+    assert_restored(model, before)

@@ -162,8 +162,10 @@ def _check_base(handle: AttachedAdapters, index: int, adapter: Adapter, force: b
         log.warning("%s records no base fingerprint: cannot check that it belongs to this model", where)
         return
     replaced = [handle.resolve(c.name, t) for c in adapter.components if c.kind == "full" for t in c.targets]
-    actual = fingerprint(handle.model, exclude=replaced + _attached_parameter_names(handle.model))
-    if actual == expected:
+    attached = _attached_parameter_names(handle.model)
+    actual = fingerprint(handle.model, exclude=replaced + attached)
+    # A producer may also have fingerprinted the base with the head the full components replace (as merge accepts).
+    if actual == expected or (replaced and expected == fingerprint(handle.model, exclude=attached)):
         return
     if force:
         log.warning("%s was made for base %s but this model is %s; attaching anyway (force)", where, expected, actual)
@@ -174,6 +176,12 @@ def _check_base(handle: AttachedAdapters, index: int, adapter: Adapter, force: b
 
 def _attached_parameter_names(model: torch.nn.Module) -> list[str]:
     """Parameters that adapters attached earlier added to ``model`` (not part of the base)."""
-    return [f"{path}.{name}" for path, module in model.named_modules() if isinstance(module, AdapterWrapper)
-            for name, _ in module.adapter_parameters()]
+    from adapterkit.attach.prefix import PrefixKV
 
+    names = []
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterWrapper):
+            names += [f"{path}.{name}" for name, _ in module.adapter_parameters()]
+        elif isinstance(module, PrefixKV):
+            names.append(path)
+    return names

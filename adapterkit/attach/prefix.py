@@ -89,6 +89,8 @@ def _prefix_stores(handle) -> list[PrefixKV]:
     if "prefix_stores" in handle.shared:
         return handle.shared["prefix_stores"]
     model = handle.model
+    if not hasattr(model, "set_attn_implementation"):
+        raise AdapterError(f"prefix adapters attach to transformers models, not {type(model).__name__}")
     original = model.config._attn_implementation
     if original.startswith(IMPLEMENTATION_PREFIX):
         raise AdapterError("this model already has a prefix attached: detach it before attaching another prefix "
