@@ -290,21 +290,20 @@ def test_refusals_across_kinds(llama):
     compose([head, head])  # the same head twice is fine
 
 
-def test_a_lora_plus_prefix_composite_attached_equals_attaching_both(llama, two_loras):
-    attach_module = pytest.importorskip("adapterkit.attach", reason="adapterkit.attach is being written")
-    if not hasattr(attach_module, "attach"):
-        pytest.skip("adapterkit.attach.attach has not landed yet")
-    lora, prefix = two_loras[0], random_prefix(llama, 3, 21)
-    composite = compose([lora, prefix])
+def test_a_lora_plus_prefixes_composite_attached_equals_attaching_them_separately(llama, two_loras):
+    from adapterkit.attach import attach
+
+    lora, prefix_a, prefix_b = two_loras[0], random_prefix(llama, 3, 21), random_prefix(llama, 2, 22)
+    weights = [0.5, 1.0, 1.0]
+    composite = compose([lora, prefix_a, prefix_b], weights)
     ids = torch.randint(0, tiny_models.VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = llama(ids).logits
-        handle = attach_module.attach(llama, [lora, prefix])
-        separately = llama(ids).logits
-        handle.detach()
-        handle = attach_module.attach(llama, [composite])
-        together = llama(ids).logits
-        handle.detach()
+        with attach(llama, [lora, prefix_a, prefix_b], weights):
+            separately = llama(ids).logits
+        with attach(llama, composite):
+            together = llama(ids).logits
+        torch.testing.assert_close(llama(ids).logits, plain, atol=0, rtol=0)  # detached again
     assert not torch.allclose(plain, separately, atol=1e-3)
     torch.testing.assert_close(together, separately, atol=1e-5, rtol=1e-5)
 
