@@ -49,7 +49,7 @@ class LoRA(Kind):
     def delta(self, component: Component, target: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """ΔW of one target in the base tensor's stored layout, float32, weighted."""
         s = scale(a.shape[0], component.param(target, "alpha"), component.param(target, "scaling", "standard"))
-        delta = (b.float() @ a.float()) * (s * component.weight)
+        delta = (b.float() * (s * component.weight)) @ a.float()  # scale the small factor: one pass over ΔW
         return delta.T if component.param(target, "fan_in_fan_out", False) else delta
 
     def weight_deltas(self, component, tensors) -> Iterator[tuple[str, str, torch.Tensor]]:
