@@ -39,6 +39,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from adapterkit.converters import peft as peft_format
 from adapterkit.errors import AdapterError
 from adapterkit.fileformat import load, write_atomically
 from adapterkit.model_card import model_card
@@ -108,12 +109,7 @@ def push(path: str | os.PathLike, repo_id: str, *, revision: str | None = None, 
 
 def _peft_files(adapter, folder: str) -> list[CommitOperationAdd]:
     """The adapter written by the PEFT converter, as commit operations for each file it wrote."""
-    try:
-        from adapterkit.converters import peft
-    except ImportError:
-        raise AdapterError("--with-peft needs the PEFT converter (adapterkit.converters.peft), "
-                           "which this installation lacks") from None
-    peft.write(adapter, folder)
+    peft_format.write(adapter, folder)
     return [CommitOperationAdd(name, os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
 
 
