@@ -150,9 +150,12 @@ def test_push_to_a_branch_leaves_main_alone(hub, adapter_a, adapter_b, tmp_path,
     assert out.read_bytes() == adapter_b.read_bytes()
 
 
-def test_private_repo(hub, adapter_a, capsys):
+def test_private_repo_and_default_output_name(hub, adapter_a, tmp_path, capsys, monkeypatch):
     assert cli(capsys, "push", adapter_a, REPO, "--private")[0] == 0
     assert HfApi(endpoint=hub.url).repo_info(REPO).private is True
+    monkeypatch.chdir(tmp_path)
+    assert cli(capsys, "pull", REPO)[0] == 0
+    assert (tmp_path / "support.safetensors").read_bytes() == adapter_a.read_bytes()  # NAME.safetensors
 
 
 def front_matter(card: str) -> dict:
