@@ -92,11 +92,12 @@ def compose(
             part = Part(source["name"], component, adapter.component_tensors(component.name), weight * component.weight)
             parts.setdefault(component.kind, []).append(part)
 
+    if method != "concat" and rank is None and tol is None and "lora" in parts:
+        rank = _largest_rank(parts["lora"])  # PEFT's default for svd_rank too
     components, tensors, error = [], {}, None
     for kind in (k for k in KIND_ORDER if k in parts):
         component_name = name if len(parts) == 1 else f"{name}_{kind}"
         if kind == "lora":
-            rank = rank if rank is not None or tol is not None or method == "concat" else _largest_rank(parts[kind])
             component, held, error = _compose_lora(parts[kind], component_name, method, rank, tol, density, seed)
         else:
             component, held = {"bitfit": _add_biases, "prefix": _concatenate_prefixes, "full": _join_full}[kind](
@@ -212,28 +213,31 @@ def _lora_terms(parts: Sequence[Part]) -> dict[str, tuple[list[compose_lora.Term
 
 
 def _compose_lora(parts, component_name, method, rank, tol, density, seed):
-    generator = torch.Generator().manual_seed(seed)
-    held, ranks, layouts, per_target = {}, {}, {}, {}
+    """The one LoRA component of the composite, its tensors, and the error of the low-rank step."""
+    generator = torch.Generator().manual_seed(seed)  # DARE's drops, drawn target after target
+    held, ranks, layouts, per_target, norms = {}, {}, {}, {}, {}
     for target, (terms, layout) in tqdm(_lora_terms(parts).items(), desc=f"compose ({method})", unit="target",
                                         disable=None):
         if method == "concat":
             a, b = compose_lora.concatenate(terms)
         else:
-            if method == "svd":
-                low = compose_lora.compress_factors(*compose_lora.concatenate(terms), rank=rank, tol=tol)
-            elif method == "ties":
-                low = compose_lora.compress_dense(
-                    compose_lora.ties_delta(compose_lora.dense_deltas(terms), density), rank=rank, tol=tol)
-            else:
-                low = compose_lora.compress_dense(
-                    compose_lora.dare_delta(compose_lora.dense_deltas(terms), density, generator), rank=rank, tol=tol)
+            low = _low_rank(method, terms, rank, tol, density, generator)
             a, b = low.a, low.b
-            per_target[target] = {"absolute": low.absolute_error, "relative": low.relative_error, "rank": low.rank,
-                                  "norm": low.norm}
+            per_target[target] = {"absolute": low.absolute_error, "relative": low.relative_error, "rank": low.rank}
+            norms[target] = low.norm
         held[target] = {"lora_A": a.to(torch.float32).contiguous(), "lora_B": b.to(torch.float32).contiguous()}
         ranks[target], layouts[target] = int(a.shape[0]), layout
     component = Component(component_name, "lora", list(held), *_lora_params(ranks, layouts))
-    return component, held, _overall_error(per_target)
+    return component, held, _overall_error(per_target, norms)
+
+
+def _low_rank(method, terms, rank, tol, density, generator) -> compose_lora.LowRank:
+    if method == "svd":
+        return compose_lora.compress_factors(*compose_lora.concatenate(terms), rank=rank, tol=tol)
+    deltas = compose_lora.dense_deltas(terms)
+    merged = (compose_lora.ties_delta(deltas, density) if method == "ties"
+              else compose_lora.dare_delta(deltas, density, generator))
+    return compose_lora.compress_dense(merged, rank=rank, tol=tol)
 
 
 def _lora_params(ranks: dict[str, int], layouts: dict[str, bool]) -> tuple[dict, dict]:
@@ -253,10 +257,10 @@ def _lora_params(ranks: dict[str, int], layouts: dict[str, bool]) -> tuple[dict,
     return params, target_params
 
 
-def _overall_error(per_target: dict[str, dict]) -> dict:
-    """Overall absolute error √Σ‖·‖² and relative error against √Σ‖ΔW‖² (0 for the exact concat)."""
+def _overall_error(per_target: dict[str, dict], norms: dict[str, float]) -> dict:
+    """Overall absolute error √Σₜ errorₜ² and relative error against √Σₜ‖ΔWₜ‖²_F (both 0 for the exact concat)."""
     absolute = math.sqrt(sum(e["absolute"] ** 2 for e in per_target.values()))
-    norm = math.sqrt(sum(e.pop("norm") ** 2 for e in per_target.values()))
+    norm = math.sqrt(sum(n**2 for n in norms.values()))
     out = {"relative": absolute / norm if norm > 0 else 0.0, "absolute": absolute}
     if per_target:
         out["per_target"] = per_target
