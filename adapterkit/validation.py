@@ -81,6 +81,7 @@ def check_adapter(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> No
         if not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"tensor {name!r} contains NaN or Inf")
         grouped[component_name].setdefault(target, {})[role] = tensor
+    _check_full_tensors_replaced_once(manifest, grouped)
     for component in manifest.components:
         kind = get_kind(component.kind)
         held = grouped[component.name]
@@ -91,3 +92,18 @@ def check_adapter(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> No
                 what = ", ".join(missing) if missing else "any tensor"
                 raise AdapterError(f"component {component.name!r}, target {target!r}: missing {what}")
         kind.check(component, held)
+
+
+def _check_full_tensors_replaced_once(manifest: Manifest, grouped: Mapping[str, Mapping[str, Mapping]]) -> None:
+    """Two ``full`` components must not replace the same base tensor (which one would win?)."""
+    owner: dict[str, str] = {}
+    for component in manifest.components:
+        if component.kind != "full":
+            continue
+        for target, roles in grouped[component.name].items():
+            for role in roles:
+                replaced = f"{target}.{role}"
+                if replaced in owner:
+                    raise AdapterError(
+                        f"components {owner[replaced]!r} and {component.name!r} both replace {replaced!r}")
+                owner[replaced] = component.name

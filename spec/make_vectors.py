@@ -101,7 +101,7 @@ def adapter_file(components: list[dict], tensors: dict, version: str = VERSION, 
     return container(tensors, metadata, **container_args)
 
 
-# --- the fingerprint (spec §9), written out from the spec's text rather than imported ---------------------------
+# --- the fingerprint (spec §7), written out from the spec's text rather than imported ---------------------------
 
 def base_fingerprint() -> str:
     records = []
@@ -176,7 +176,7 @@ def vectors() -> dict[str, tuple[bytes, dict]]:
     sources = [{"name": name, "sha256": hashlib.sha256(out[name][0]).hexdigest(), "weight": weight}
                for name, weight in (("valid_lora.safetensors", 0.7), ("valid_prefix_f16.safetensors", 1.0),
                                     ("valid_bitfit_bf16.safetensors", 0.3))]
-    composition = {"method": "exact", "sources": sources, "rank": None, "tolerance": None,
+    composition = {"method": "concat", "sources": sources, "rank": None, "tolerance": None,
                    "error": {"frobenius": 0.0, "relative": 0.0}}
     out["valid_composite.safetensors"] = (adapter_file([lc, pc, bc], {**lt, **pt, **bt}, composition=composition), ok)
 
@@ -223,6 +223,11 @@ def vectors() -> dict[str, tuple[bytes, dict]]:
         [dict(component, targets=[Q_PROJ, V_PROJ, Q_PROJ])], tensors), bad(f"names target '{Q_PROJ}' twice"))
     out["invalid_undeclared_target.safetensors"] = (adapter_file([dict(component, targets=[Q_PROJ])], tensors),
                                                     bad("is not among component 'default'"))
+    out["invalid_prefix_weighted.safetensors"] = (adapter_file([dict(pc, weight=0.5)], pt),
+                                                  bad("components/0/weight: 1 was expected"))
+    out["invalid_full_tensor_twice.safetensors"] = (adapter_file([head, dict(head, name="head2")], {
+        f"head.{HEAD}.weight": values((2, 8), 50), f"head2.{HEAD}.weight": values((2, 8), 52)}),
+        bad("both replace 'score.weight'"))
     out["invalid_missing_role.safetensors"] = (adapter_file([component], {
         k: v for k, v in tensors.items() if not k.endswith(f"{V_PROJ}.lora_B")}), bad("missing lora_B"))
     out["invalid_unknown_kind.safetensors"] = (adapter_file([dict(component, kind="ia3")], tensors),

@@ -77,7 +77,7 @@ def test_inspect_text_shows_the_essentials(composite):
     assert f"in {data_size:,} bytes" in text
     assert "rank 2, alpha 4.0" in text and "prefix length 3" in text
     assert "model.layers.0.self_attn.q_proj" in text
-    assert "composed    by exact" in text
+    assert "composed    by concat" in text
     for source in manifest["composition"]["sources"]:
         assert f"from {source['name']} (weight {source['weight']:g}, sha256 {source['sha256'][:16]}" in text
 

@@ -75,7 +75,7 @@ def test_make_vectors_reproduces_the_committed_files(tmp_path):
 
 
 def test_rslora_vector_follows_the_spec_math():
-    """SPEC §7: s = α/√r per target with overrides; fan_in_fan_out targets get ΔWᵀ. Computed here by hand."""
+    """SPEC §6.2: s = α/√r per target with overrides; fan_in_fan_out targets get ΔWᵀ. Computed here by hand."""
     adapter = load(VECTORS / "valid_rslora_target_params.safetensors")
     component = adapter.components[0]
     tensors = adapter.component_tensors(component.name)
@@ -98,7 +98,7 @@ def test_composite_vector_records_its_sources_by_hash():
 
 
 def _bfloat16_bits(values: np.ndarray) -> bytes:
-    """float32 -> bfloat16, round to nearest even, little-endian 2-byte values (SPEC §9 step 2)."""
+    """float32 -> bfloat16, round to nearest even, little-endian 2-byte values (SPEC §7 step 2)."""
     bits = values.astype("<f4").view("<u4").astype(np.uint64)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
 
