@@ -116,3 +116,20 @@ def test_two_prefixes_attach_as_their_concatenation():
             reference = model(input_ids=IDS, attention_mask=MASK).logits
         with attach(model, [first, second]):
             torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, reference, atol=1e-6, rtol=0)
+
+
+def test_generate_with_a_cache_follows_peft_greedy_decoding():
+    """generate() runs the prefix with a KV cache (our prefix stays out of it). Reference: greedy decoding with PEFT's
+    forward on the whole sequence each step (with peft 0.21 / transformers 5.24, PEFT's own generate picks other tokens
+    than its forward from the first step on, so it is not used)."""
+    peft_model = peft_prefix_model(tiny_models.llama, TaskType.CAUSAL_LM)
+    model = tiny_models.llama()
+    adapter = adapter_from_peft(peft_model, CASES["llama"][2], model)
+    with torch.no_grad():
+        expected = IDS
+        for _ in range(4):
+            expected = torch.cat([expected, peft_model(input_ids=expected).logits[:, -1:].argmax(-1)], dim=1)
+        with attach(model, adapter):
+            generated = model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4,
+                                       do_sample=False)
+    assert torch.equal(generated, expected)
