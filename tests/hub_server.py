@@ -9,10 +9,15 @@ client raises its usual exceptions. Set ``HF_HUB_DISABLE_XET=1``: this server sp
     with HubServer() as hub:            # hub.url -> "http://127.0.0.1:PORT"; point HF_ENDPOINT at it
         ...
     HubServer(tokens={"hf_w": "write", "hf_r": "read"})   # then requests need "Authorization: Bearer <token>"
+
+As a program (for the demo script), it serves until stopped and prints its URL once ready:
+
+    python tests/hub_server.py --port 8765
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
@@ -98,9 +103,9 @@ class HubState:
 class HubServer:
     """Runs the handler on a free loopback port in a background thread; use as a context manager."""
 
-    def __init__(self, tokens: dict[str, str] | None = None):
+    def __init__(self, tokens: dict[str, str] | None = None, port: int = 0):
         self.state = HubState(tokens)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self.state))
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self.state))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="hub-server", daemon=True)
@@ -380,3 +385,14 @@ class _HubHandler(BaseHTTPRequestHandler):
         etag = commit.lfs.get(path) or git_blob_sha1(data)
         return 200, data, {"X-Repo-Commit": commit.oid, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}
 
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="A Hub look-alike on loopback, in memory, for demos and tests.")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    with HubServer(port=parser.parse_args().port) as server:
+        print(server.url, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
