@@ -119,6 +119,8 @@ def compose(
         composition["seed"] = seed
     adapter = Adapter(Manifest(components, base_model=base_model, composition=composition), tensors)
     adapter.validate()
+    log.info("composed %d adapters by %s into %s (relative error %s)", len(adapters), method,
+             ", ".join(f"{c.name} ({c.kind})" for c in components), error and f"{error['relative']:.3e}")
     return adapter
 
 
