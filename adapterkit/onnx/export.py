@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -157,10 +158,15 @@ def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | No
         shape[axis] = EXAMPLE_SLOT
         slot_examples.append(torch.randn(shape, generator=generator) * 0.01)
         slot_shapes.append({axis: dim})
-    program = torch.onnx.export(
-        torch_model, (input_ids, attention_mask, *slot_examples), dynamo=True, opset_version=opset,
-        input_names=[*TEXT_INPUTS, *torch_model.slot_names], output_names=[output_name(model)],
-        dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}, tuple(slot_shapes)),  # *slots: one tuple
-        optimize=True, verbose=False,
-    )
+    dynamic_shapes = ({0: batch, 1: sequence}, {0: batch, 1: sequence})
+    if slot_shapes:
+        dynamic_shapes += (tuple(slot_shapes),)  # torch.export sees forward's *slots as one tuple argument
+    with warnings.catch_warnings():
+        # A and B of one module share one Dim on purpose; the exporter warns that the second use adds no name
+        warnings.filterwarnings("ignore", message="# The axis name")
+        program = torch.onnx.export(
+            torch_model, (input_ids, attention_mask, *slot_examples), dynamo=True, opset_version=opset,
+            input_names=[*TEXT_INPUTS, *torch_model.slot_names], output_names=[output_name(model)],
+            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+        )
     return program.model_proto

@@ -109,7 +109,9 @@ def task_output(output) -> torch.Tensor:
 
 
 def output_name(model: nn.Module) -> str:
-    return "last_hidden_state" if model.__class__.__name__.endswith("Model") else "logits"
+    """A bare transformers model (its own ``base_model``: BertModel, LlamaModel) returns hidden states; a model
+    with a head (ForCausalLM, LMHeadModel, ForSequenceClassification) returns logits."""
+    return "last_hidden_state" if getattr(model, "base_model", None) is model else "logits"
 
 
 class ExportableModel(nn.Module):
@@ -122,6 +124,7 @@ class ExportableModel(nn.Module):
         self.defaults = defaults
         self.values = SlotValues(defaults)
         self._install()
+        self.train(model.training)  # the slot modules are new: give them the mode of the model
 
     def _install(self) -> None:
         modules = dict(self.model.named_modules())

@@ -1,0 +1,50 @@
+"""adapterkit export --onnx: a base model with adapters to ONNX, merged or with swappable adapters."""
+
+from __future__ import annotations
+
+import click
+
+from adapterkit.cli.merge import _parse_weights
+from adapterkit.errors import AdapterError
+from adapterkit.sources import load_adapters
+
+
+@click.command()
+@click.option("--onnx", "base", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Base model: a Hugging Face folder (Llama-family or GPT-2 causal LM, BERT-family encoder or "
+                   "classifier).")
+@click.argument("adapters", nargs=-1)
+@click.option("--merged", "mode", flag_value="merged", help="Fold the adapters into the weights: one plain graph.")
+@click.option("--unmerged", "mode", flag_value="unmerged",
+              help="One graph with optional adapter inputs, plus one .onnx_adapter file per adapter to switch.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--weights", default=None, help="One weight per adapter, comma-separated, e.g. 0.7,0.3.")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
+@click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch on sample inputs; exit 1 above --atol.")
+@click.option("--atol", type=float, default=1e-4, help="Largest absolute difference --verify accepts.")
+@click.option("--force", is_flag=True, help="Export even if an adapter was made for another base (fingerprint).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+def export(base, adapters, mode, output, weights, opset, verify, atol, force, overwrite) -> None:
+    """Export BASE with ADAPTERS (files or hf:// refs) to ONNX in OUTPUT: model.onnx, adapterkit.json and, with
+    --unmerged, adapters/<name>.onnx_adapter for ONNX Runtime's adapter API."""
+    from adapterkit.onnx.export import adapter_names, export_onnx
+
+    if mode is None:
+        raise click.UsageError("choose --merged or --unmerged")
+    if mode == "merged" and not adapters:
+        raise AdapterError("--merged needs at least one adapter (to export the base alone, use --unmerged)")
+    exported = export_onnx(base, load_adapters(adapters), output, merged=mode == "merged",
+                           names=adapter_names(adapters), weights=_parse_weights(weights, len(adapters)),
+                           opset=opset, force=force, overwrite=overwrite)
+    click.echo(f"wrote {exported.folder} ({mode}, {len(adapters)} adapters)")
+    if verify:
+        from adapterkit.onnx.verify import verify as run_checks
+
+        checks = run_checks(exported, atol)
+        for check in checks:
+            click.echo(f"  {check.case:<32} {check.output}: max |onnx - torch| = {check.max_abs_diff:.2e} "
+                       f"{'ok' if check.passed else 'FAILED'}")
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            raise AdapterError(f"verification failed: {len(failed)} of {len(checks)} checks above atol {atol:g}")
+        click.echo(f"verified: all {len(checks)} checks within atol {atol:g}")
