@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -95,6 +96,26 @@ def test_composite_vector_records_its_sources_by_hash():
     assert [c.kind for c in composite.components] == ["lora", "prefix", "bitfit"]
     for source in composite.manifest.composition["sources"]:
         assert hashlib.sha256((VECTORS / source["name"]).read_bytes()).hexdigest() == source["sha256"]
+
+
+def _manifest_of(name: str) -> dict:
+    raw = (VECTORS / name).read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    return json.loads(header["__metadata__"]["adapterkit.manifest"])
+
+
+def test_the_published_schema_accepts_the_valid_manifests_and_refuses_schema_breaks():
+    schema = json.loads((SPEC / "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for name, verdict in EXPECTED.items():
+        if verdict["valid"]:
+            assert not list(validator.iter_errors(_manifest_of(name))), name
+    for name in ("invalid_prefix_weighted.safetensors", "invalid_target_named_twice.safetensors"):
+        assert list(validator.iter_errors(_manifest_of(name))), name
+    composite = _manifest_of("valid_composite.safetensors")
+    assert validator.is_valid(dict(composite, composition=None))
+    assert not validator.is_valid(dict(composite, composition={"method": "concat"}))
 
 
 def _bfloat16_bits(values: np.ndarray) -> bytes:
