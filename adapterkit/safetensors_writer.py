@@ -44,7 +44,8 @@ class StreamedSafetensorsWriter:
         offset = 0
         for name, dtype, shape in entries:
             size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors itself writes it
@@ -73,7 +74,8 @@ class StreamedSafetensorsWriter:
         """Write the next tensor (its dtype and shape as announced)."""
         expected_dtype, expected_shape = self._expected[0][1], list(self._expected[0][2])
         if (tensor.dtype, list(tensor.shape)) != (expected_dtype, expected_shape):
-            raise ValueError(f"{name}: expected {expected_dtype} {expected_shape}, got {tensor.dtype} {list(tensor.shape)}")
+            raise ValueError(f"{name}: expected {expected_dtype} {expected_shape}, "
+                             f"got {tensor.dtype} {list(tensor.shape)}")
         self._next(name, tensor.numel() * tensor.element_size())
         if tensor.numel():
             # little-endian bytes, as torch stores them on every platform it supports

@@ -47,7 +47,8 @@ def build_base(folder: Path, layers: int) -> None:
 
     config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=16, vocab_size=VOCAB, tie_word_embeddings=False)
-    shapes = {"model.embed_tokens.weight": [VOCAB, HIDDEN], "model.norm.weight": [HIDDEN], "lm_head.weight": [VOCAB, HIDDEN]}
+    shapes = {"model.embed_tokens.weight": [VOCAB, HIDDEN], "model.norm.weight": [HIDDEN],
+              "lm_head.weight": [VOCAB, HIDDEN]}
     for i in range(layers):
         for name in LINEAR:
             shapes[f"model.layers.{i}.{name}.weight"] = list(linear_shape(name))
@@ -131,7 +132,10 @@ for name in os.listdir(BASE):
         shutil.copyfileobj(source, target, 16 << 20)
 """,
 }
-REPORT = "\nimport json, resource; print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+REPORT = """
+import json, resource
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
 
 def run(kind: str, paths: dict) -> dict:
@@ -171,11 +175,12 @@ def main() -> None:
     for kind, numbers in results.items():
         print(f"{kind:<12}{numbers['wall_s']:>10.1f}{numbers['peak_rss_mb']:>14.0f}")
     ours, peft, copy = results["adapterkit"], results["peft"], results["copy"]
+    startup = results["startup"]["wall_s"]
     print(f"PEFT / adapterkit: time x{peft['wall_s'] / ours['wall_s']:.2f}, "
           f"memory x{peft['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
     print(f"adapterkit / copy: time x{ours['wall_s'] / copy['wall_s']:.2f} (copytree, kernel copy_file_range), "
           f"x{ours['wall_s'] / results['copy-bytes']['wall_s']:.2f} (bytes read and written by the process); "
-          f"without the startup: x{(ours['wall_s'] - results['startup']['wall_s']) / results['copy-bytes']['wall_s']:.2f}")
+          f"without the startup: x{(ours['wall_s'] - startup) / results['copy-bytes']['wall_s']:.2f}")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -49,7 +49,8 @@ LORA_SUFFIXES = {".lora_A.weight": ("lora_A", False), ".lora_B.weight": ("lora_B
 WRAPPER_COPIES = (".modules_to_save", ".original_module")
 #: architecture name ending -> PEFT task type (prefix tuning needs one to pick the PeftModel class)
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
-              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS", "Model": "FEATURE_EXTRACTION"}
+              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
+              "Model": "FEATURE_EXTRACTION"}
 
 
 def detect(path) -> bool:
@@ -337,7 +338,7 @@ def _lora_tensors(adapter: Adapter, component: Component, config: dict) -> dict[
         is_embedding = component.param(target, "fan_in_fan_out", False) and not config["fan_in_fan_out"]
         names = ("lora_embedding_A", "lora_embedding_B") if is_embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{target}.{names[0]}"] = roles["lora_A"]
-        tensors[f"{target}.{names[1]}"] = roles["lora_B"] * component.weight if component.weight != 1 else roles["lora_B"]
+        tensors[f"{target}.{names[1]}"] = roles["lora_B"] * component.weight  # w·ΔW = s·(w·B)·A
     return tensors
 
 

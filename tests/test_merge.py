@@ -157,9 +157,10 @@ def test_bitfit_adds_to_bias_full_replaces_and_full_cannot_be_unmerged():
 
 
 def test_target_names_resolve_across_a_wrapper_prefix(tiny_llama_dir, tmp_path):
-    # The same adapter, named as on the inner LlamaModel ("layers.0...") instead of LlamaForCausalLM ("model.layers.0...").
+    # The same adapter, named as on the inner LlamaModel ("layers.0...") instead of LlamaForCausalLM ("model.layers.0").
     adapter = tiny_models.random_lora(tiny_models.llama(), LLAMA_TARGETS[:2])
-    renamed = Adapter(copy.deepcopy(adapter.manifest), {k.replace("default.model.", "default."): v for k, v in adapter.tensors.items()})
+    renamed = Adapter(copy.deepcopy(adapter.manifest),
+                      {k.replace("default.model.", "default."): v for k, v in adapter.tensors.items()})
     renamed.manifest.components[0].targets = [t.removeprefix("model.") for t in LLAMA_TARGETS[:2]]
     merge_checkpoint(tiny_llama_dir, [renamed], tmp_path / "merged")
     merge_checkpoint(tiny_llama_dir, [adapter], tmp_path / "reference")
