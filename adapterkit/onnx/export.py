@@ -100,9 +100,10 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
         modules = [n for n, _ in model.named_modules()]
         feeds = {name: adapter_feeds(adapter, weight, modules) for name, adapter, weight in zip(names, adapters, weights)}
         examples = {slot: tensor for adapter_feed in feeds.values() for slot, tensor in adapter_feed.items()}
-        torch_model = ExportableModel(model, slot_defaults(model, examples, examples))
+        torch_model = ExportableModel(model, slot_defaults(model, examples))
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))  # renamed into place at the end
     try:
         onnx_model = _trace(torch_model, model, opset)
         add_defaults(onnx_model, torch_model.defaults)
@@ -119,7 +120,7 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
             "version": 1,
             "mode": "merged" if merged else "unmerged",
             "model": MODEL_FILE,
-            "base": os.fspath(base),
+            "base": os.path.abspath(base),
             "inputs": io_description(onnx_model, TEXT_INPUTS),
             "adapter_inputs": io_description(onnx_model, torch_model.slot_names),
             "outputs": io_description(onnx_model, [output_name(model)]),

@@ -144,8 +144,8 @@ class ExportableModel(nn.Module):
             if "prefix_key" in roles:
                 module.prefix_slot = (self.values, module_name)
             for parameter in roles - {"lora_A", "lora_B", "bias_delta", "prefix_key", "prefix_value"}:
-                parametrize.register_parametrization(module, parameter, FedTensor(self.values, f"{module_name}.{parameter}"),
-                                                     unsafe=True)
+                parametrize.register_parametrization(module, parameter,
+                                                     FedTensor(self.values, f"{module_name}.{parameter}"))
         if any(role_of(n) == "prefix_key" for n in self.slot_names):
             self.model.set_attn_implementation(PREFIX_ATTENTION)
 
@@ -162,12 +162,12 @@ class ExportableModel(nn.Module):
             return self(input_ids, attention_mask, *(feeds.get(n, self.defaults[n]) for n in self.slot_names))
 
 
-def slot_defaults(model: nn.Module, slot_names, examples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def slot_defaults(model: nn.Module, examples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The value of each slot when no adapter fills it: empty LoRA (r = 0) and prefix (p = 0), zero Δb, the base
-    tensor for ``full``. ``examples`` (one fed tensor per slot) give the fixed dims."""
+    tensor for ``full``. ``examples`` (one fed tensor per slot, by slot name) give the fixed dims."""
     parameters = dict(model.named_parameters())
     defaults = {}
-    for name in sorted(slot_names):
+    for name in sorted(examples):
         role, example = role_of(name), examples[name]
         if role == "lora_A":
             defaults[name] = torch.zeros(0, example.shape[1])
