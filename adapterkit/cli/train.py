@@ -75,3 +75,36 @@ def evaluate(base, adapters, task, data, text_field, label_field, batch_size, fo
 
     metrics = evaluate_adapters(base, load_adapters(adapters), task, data, text_field, label_field, batch_size, force)
     click.echo(json.dumps(metrics, sort_keys=True) if as_json else format_metrics(metrics))
+
+
+@click.command()
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@TASK
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Training records.")
+@click.option("--eval-data", required=True, type=click.Path(exists=True, dir_okay=False), help="Held-out records.")
+@click.option("--methods", default="lora,bitfit,prefix,full", help="Comma-separated methods to compare.")
+@TEXT_FIELD
+@LABEL_FIELD
+@click.option("--steps", default=50, help="Optimiser steps per method (the shared budget).")
+@click.option("--batch-size", default=16)
+@click.option("--seed", default=0)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder for the adapters, compare.json and compare.png.")
+def compare(base, task, data, eval_data, methods, text_field, label_field, steps, batch_size, seed, output) -> None:
+    """Train each method on BASE under one budget and compare storage, training memory, time per step, eval
+    quality and inference latency (Lialin et al. 2023). Each method runs in its own process."""
+    import os
+
+    from adapterkit.train import compare as comparison
+    from adapterkit.train.loop import TrainConfig
+
+    chosen = _split(methods) or []
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown method {unknown[0]!r} (known: {', '.join(METHODS)})", param_hint="--methods")
+    config = TrainConfig("lora", task, data, eval_data, text_field, label_field, steps=steps, batch_size=batch_size,
+                         seed=seed)
+    rows = comparison.compare(base, config, chosen, output, progress=lambda m: click.echo(f"training {m} ...", err=True))
+    click.echo(comparison.table(rows))
+    comparison.plot(rows, os.path.join(output, "compare.png"))
+    click.echo(f"wrote {os.path.join(output, 'compare.json')} and compare.png")

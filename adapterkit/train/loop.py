@@ -125,7 +125,10 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
             model, config.method, targets=config.targets, rank=config.rank, alpha=config.alpha,
             prefix_length=config.prefix_length, head=loaded.head,
             generator=torch.Generator().manual_seed(config.seed))
-        adapter = Adapter(Manifest(components=components, base_model=base_record(base, loaded.head)), tensors)
+        base_model = base_record(base, loaded.head)
+        if config.method == "full":  # every base tensor is replaced: there is no base left to check against
+            base_model.fingerprint = None
+        adapter = Adapter(Manifest(components=components, base_model=base_model), tensors)
         handle = attach(model, adapter, trainable=True)  # also checks the model against the folder's fingerprint
         parameters = list(handle.parameters())
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)

@@ -1,0 +1,179 @@
+"""Compare fine-tuning methods under one budget, on the five criteria of Lialin et al. 2023 ("Scaling Down to Scale
+Up: A Guide to Parameter-Efficient Fine-Tuning"): storage, memory, training time, quality, inference cost.
+
+Each method trains in its own Python process (``python -m adapterkit.train.compare CONFIG``), so its memory is its
+own. Memory is the operating system's peak resident set (``resource.getrusage(...).ru_maxrss``): tracemalloc does not
+see torch's allocations. The worker first loads the base model alone and notes the peak, then frees it and trains; the
+reported *training memory* is how far training raised the peak above that (activations, gradients, optimiser state,
+adapter copies), and *peak RSS* the whole process's peak. Inference latency is the median time of one forward pass
+on an evaluation batch, with the trained adapter attached and without it, in alternating rounds in the same process
+(the best round of each counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adapterkit.errors import AdapterError
+from adapterkit.fileformat import save, write_atomically
+
+LATENCY_RUNS = 20
+LATENCY_ROUNDS = 3
+COLUMNS = [  # (key, heading, format)
+    ("method", "method", "{}"),
+    ("storage_ratio", "storage vs base", "{:.2%}"),
+    ("train_memory_mb", "train mem MB", "{:.0f}"),
+    ("seconds_per_step", "s/step", "{:.3f}"),
+    ("quality", "eval", "{}"),
+    ("latency_ratio", "latency vs base", "{:.2f}x"),
+]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def median_forward_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    times = []
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # warm-up
+        for _ in range(LATENCY_RUNS):
+            started = time.perf_counter()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure(base: str, config, output: str) -> dict:
+    """Train one method (in this process) and measure it; saves the adapter to ``output``."""
+    from adapterkit.attach import attach
+    from adapterkit.train.base import load_base
+    from adapterkit.train.data import Collator, load_examples
+    from adapterkit.train.loop import train
+
+    label_field = config.label_field if config.task == "classify" else None
+    labels = load_examples(config.data, config.text_field, label_field).labels
+    loaded = load_base(base, config.task, labels)
+    del loaded
+    gc.collect()
+    holding_model = peak_rss_mb()
+    result = train(base, config, progress=False)
+    training_peak = peak_rss_mb()
+    save(result.adapter, output)
+
+    loaded = load_base(base, config.task, labels)
+    loaded.model.eval()
+    examples = load_examples(config.eval_data or config.data, config.text_field, label_field, labels)
+    batch = Collator(examples, loaded.tokenizer)(list(range(min(config.batch_size, len(examples)))))
+    base_latency, attached_latency = float("inf"), float("inf")
+    for _ in range(LATENCY_ROUNDS):  # alternate, keep the best round of each: other load on the machine only adds
+        base_latency = min(base_latency, median_forward_seconds(loaded.model, batch))
+        with attach(loaded.model, result.adapter):
+            attached_latency = min(attached_latency, median_forward_seconds(loaded.model, batch))
+    base_bytes = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors"))
+    return {
+        "method": config.method,
+        "adapter_bytes": os.path.getsize(output),
+        "base_bytes": base_bytes,
+        "storage_ratio": os.path.getsize(output) / base_bytes,
+        "trainable_parameters": result.adapter.parameter_count(),
+        "train_memory_mb": training_peak - holding_model,
+        "peak_rss_mb": training_peak,
+        "steps": result.steps,
+        "seconds_per_step": result.seconds / result.steps,
+        "eval": result.history[-1] if result.history else None,
+        "base_latency_s": base_latency,
+        "attached_latency_s": attached_latency,
+        "latency_ratio": attached_latency / base_latency,
+    }
+
+
+def compare(base: str, config, methods: list[str], out_dir: str, progress=None) -> list[dict]:
+    """Train every method of ``methods`` with ``config`` (its ``method`` replaced), each in a fresh process; write
+    ``compare.json`` and the adapters into ``out_dir`` and return one row per method. ``progress(method)`` is called
+    before each."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for method in methods:
+        if progress is not None:
+            progress(method)
+        job = {"base": os.fspath(base), "config": dataclasses.asdict(dataclasses.replace(config, method=method)),
+               "output": os.path.join(out_dir, f"{method}.safetensors")}
+        done = subprocess.run([sys.executable, "-m", "adapterkit.train.compare", json.dumps(job)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise AdapterError(f"training {method} for the comparison failed: {last}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    write_atomically(os.path.join(out_dir, "compare.json"),
+                     lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n"))
+    return rows
+
+
+def quality(row: dict) -> str:
+    metrics = row.get("eval") or {}
+    if "accuracy" in metrics:
+        return f"acc {metrics['accuracy']:.3f}"
+    return f"loss {metrics['loss']:.3f}" if "loss" in metrics else "-"
+
+
+def table(rows: list[dict]) -> str:
+    cells = [[heading for _, heading, _ in COLUMNS]]
+    for row in rows:
+        cells.append([quality(row) if key == "quality" else form.format(row[key]) for key, _, form in COLUMNS])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Five bar charts, one per criterion, side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AdapterError("the comparison plot needs matplotlib: pip install matplotlib (or adapterkit[dev])") from None
+    methods = [row["method"] for row in rows]
+    quality_key = "accuracy" if all("accuracy" in (r.get("eval") or {}) for r in rows) else "loss"
+    panels = [
+        ("storage (adapter / base)", [r["storage_ratio"] for r in rows]),
+        ("training memory (MB)", [r["train_memory_mb"] for r in rows]),
+        ("seconds per step", [r["seconds_per_step"] for r in rows]),
+        (f"eval {quality_key}", [(r.get("eval") or {}).get(quality_key, float("nan")) for r in rows]),
+        ("latency (attached / base)", [r["latency_ratio"] for r in rows]),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for axis, (title, values) in zip(axes, panels):
+        axis.bar(methods, values, color="tab:blue")
+        axis.set_title(title, fontsize=10)
+        axis.tick_params(axis="x", labelrotation=30)
+    figure.tight_layout()
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+
+
+def _worker(job_json: str) -> None:
+    from adapterkit.train.loop import TrainConfig
+
+    job = json.loads(job_json)
+    torch.manual_seed(0)
+    row = measure(job["base"], TrainConfig(**job["config"]), job["output"])
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
