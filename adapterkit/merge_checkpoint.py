@@ -3,8 +3,9 @@
 The output folder has the base's layout (the same shard files holding the same tensors, an index when the base has
 one, its config, tokenizer and generation files), so ``from_pretrained`` loads it. Each tensor is read memory-mapped
 from the base, changed in float32 (:class:`adapterkit.merge.MergePlan`), cast to the checkpoint's dtype (or the one
-asked for) and appended to its output shard at once (:mod:`adapterkit.safetensors_writer`): memory stays near the
-largest tensor, whatever the model size. Everything is written into a temporary folder beside the output and renamed
+asked for) and appended to its output shard at once (:mod:`adapterkit.safetensors_writer`); tensors no adapter
+touches are copied byte for byte by the kernel. Memory stays near a few tensors, plus the pages of the shard being
+read that the OS keeps mapped (counted in the resident size; at most one shard), whatever the model size. Everything is written into a temporary folder beside the output and renamed
 into place at the end, so a failure leaves nothing half-written.
 
 ``adapterkit_merge.json`` in the output records which adapters were merged (content sha256, weight, base
