@@ -49,10 +49,13 @@ def merge_checkpoint(base_dir, adapters: Sequence, out_dir, weights: Sequence[fl
     ``overwrite``."""
     loaded = _load(adapters)
     weights = _weights(loaded, weights)
-    for source, adapter in loaded:
-        check_base(adapter, base_dir, source, force)
-    base_fingerprint = fingerprint(base_dir)
     record = _read_record(base_dir)
+    for source, adapter in loaded:
+        # A folder that already holds merged adapters is checked against the base they were merged into.
+        recorded = record.get("base_fingerprint")
+        if recorded is None or recorded != adapter.manifest.base_model.fingerprint:
+            check_base(adapter, base_dir, source, force)
+    base_fingerprint = fingerprint(base_dir)
     record["merged"] += [
         {"source": source, "sha256": adapter_digest(adapter), "weight": weight,
          "base_fingerprint": adapter.manifest.base_model.fingerprint}

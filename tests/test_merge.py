@@ -82,6 +82,11 @@ def test_sharded_base_gives_sharded_output_with_same_layout(tmp_path):
     assert merged_index == base_index and len(set(base_index.values())) > 2
     torch.testing.assert_close(output(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")),
                                output(peft_merged(tiny_models.llama(), adapter)), atol=1e-5, rtol=0)
+    # A second adapter for the same base merges onto the merged folder (checked against the recorded base).
+    merge_checkpoint(tmp_path / "merged", [adapter], tmp_path / "twice", weights=[-1.0])
+    assert len(json.loads((tmp_path / "twice" / RECORD_FILE).read_text())["merged"]) == 2
+    for key, tensor in _tensors(base_dir).items():
+        torch.testing.assert_close(_tensors(tmp_path / "twice")[key], tensor, atol=1e-6, rtol=0)
 
 
 def _tensors(folder):
