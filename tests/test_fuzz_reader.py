@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from adapterkit import Adapter, AdapterError
 from adapterkit.fileformat import MANIFEST_KEY, parse
+from adapterkit.summary import describe, render
 from cli_runner import call_cli, run_cli
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
@@ -157,6 +158,7 @@ def test_mutated_files_give_an_adapter_or_an_adapter_error(file):
             assert str(exc).startswith("fuzzed.safetensors: ") and "\n" not in str(exc)
             return
     assert isinstance(result, Adapter)
+    assert render(describe(result))  # what `adapterkit inspect` shows of any file the reader accepts
 
 
 REGRESSIONS = {
