@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapterkit import AdapterError, fingerprint, load
+from adapterkit import AdapterError, fingerprint, load, save
 from adapterkit.kinds import get_kind
 from cli_runner import call_cli, run_cli
 
@@ -151,3 +151,13 @@ def test_bfloat16_rounding_is_to_nearest_even():
     expected = torch.tensor(halfway).to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
     assert _bfloat16_bits(halfway) == expected
     assert np.frombuffer(expected, "<u2").tolist() == [0x3F80, 0x3F82]
+
+
+def test_a_1_1_file_keeps_its_unknown_fields_and_version_when_written_back(tmp_path):
+    """SPEC §9.2: a 1.0 reader keeps a newer minor's fields and writes the highest version it preserves."""
+    save(load(VECTORS / "valid_v1_1_unknown_fields.safetensors"), tmp_path / "again.safetensors")
+    raw = (tmp_path / "again.safetensors").read_bytes()
+    metadata = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    assert metadata["adapterkit.format_version"] == "1.1"
+    original = _manifest_of("valid_v1_1_unknown_fields.safetensors")
+    assert json.loads(metadata["adapterkit.manifest"]) == original
