@@ -28,6 +28,9 @@ def read(path: str | os.PathLike, base=None) -> Adapter:
 def write(adapter: Adapter, path: str | os.PathLike, base: str | os.PathLike | None = None) -> None:
     """Write ``adapter`` for a graph exported from ``base`` (a model folder, used to resolve target names to the
     model's module paths; without it the targets must already be those paths)."""
+    from adapterkit.onnx import require_onnxruntime
+
+    require_onnxruntime()
     from adapterkit.onnx.adapter_files import write_onnx_adapter
     from adapterkit.onnx.slots import adapter_feeds
 

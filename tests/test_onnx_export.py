@@ -156,6 +156,18 @@ def test_verify_passes_on_the_llama_export(llama):
     assert all(c.passed for c in checks)
 
 
+def test_verify_catches_a_wrong_adapter_file(llama, tmp_path):
+    """Swap adapter a's file for b's: the graph no longer computes what torch does with a, and verify says so."""
+    import dataclasses
+    import shutil
+
+    _, _, exported, _ = llama
+    copy = shutil.copytree(exported.folder, tmp_path / "copy")
+    shutil.copyfile(copy / "adapters" / "b.onnx_adapter", copy / "adapters" / "a.onnx_adapter")
+    checks = {c.case: c for c in verify(dataclasses.replace(exported, folder=copy), ATOL)}
+    assert not checks["adapter a"].passed and checks["adapter b"].passed and checks["no adapter vs base"].passed
+
+
 def test_llama_merged(tiny_llama_dir, llama, tmp_path):
     model, adapters, _, _ = llama
     export_onnx(tiny_llama_dir, [adapters["a"], adapters["b"]], tmp_path, merged=True, weights=[1.0, 0.5])

@@ -27,6 +27,9 @@ from adapterkit.sources import load_adapters
 def export(base, adapters, mode, output, weights, opset, verify, atol, force, overwrite) -> None:
     """Export BASE with ADAPTERS (files or hf:// refs) to ONNX in OUTPUT: model.onnx, adapterkit.json and, with
     --unmerged, adapters/<name>.onnx_adapter for ONNX Runtime's adapter API."""
+    from adapterkit.onnx import require_onnxruntime
+
+    require_onnxruntime()
     from adapterkit.onnx.export import adapter_names, export_onnx
 
     if mode is None:
