@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from adapterkit.adapter import Adapter
 from adapterkit.errors import AdapterError
@@ -225,7 +224,19 @@ def save(adapter: Adapter, path: str | os.PathLike) -> None:
         raise AdapterError(f"refusing to write an invalid adapter: {exc.reason}", path) from None
     metadata = {VERSION_KEY: adapter.manifest.written_version(), MANIFEST_KEY: adapter.manifest.dumps()}
     tensors = {name: t.detach().contiguous() for name, t in adapter.tensors.items()}
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_atomically(path, lambda tmp: _write_safetensors(tmp, tensors, metadata))
+
+
+def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file with a byte-for-byte reproducible header: ``safetensors.torch.save_file`` writes the
+    metadata from a Rust HashMap, whose key order changes from run to run. Tensors go in name order."""
+    from adapterkit.safetensors_writer import StreamedSafetensorsWriter
+
+    names = sorted(tensors)
+    with StreamedSafetensorsWriter(path, [(n, tensors[n].dtype, list(tensors[n].shape)) for n in names],
+                                   metadata) as writer:
+        for name in names:
+            writer.write(name, tensors[name])
 
 
 def write_atomically(path: str | os.PathLike, write) -> None:
