@@ -185,3 +185,24 @@ def test_bad_data_is_one_line_error(example, tmp_path, content, problem):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {data}: {problem}")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_compare_writes_the_five_criteria(example, tmp_path):
+    out = tmp_path / "compare"
+    result = CliRunner().invoke(cli, [
+        "compare", str(example["bert"]), "--task", "classify", "--data", str(example["sentiment_train"]),
+        "--eval-data", str(example["sentiment_eval"]), "--methods", "lora", "--steps", "2", "--batch-size", "8",
+        "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())
+    assert [row["method"] for row in rows] == ["lora"]
+    base_bytes = (example["bert"] / "model.safetensors").stat().st_size
+    for row in rows:
+        adapter_file = out / f"{row['method']}.safetensors"
+        assert row["adapter_bytes"] == adapter_file.stat().st_size and row["base_bytes"] == base_bytes
+        assert row["storage_ratio"] == pytest.approx(row["adapter_bytes"] / base_bytes)
+        assert row["steps"] == 2 and row["seconds_per_step"] > 0 and row["train_memory_mb"] >= 0
+        assert 0 <= row["eval"]["accuracy"] <= 1 and row["latency_ratio"] > 0
+        assert adapterkit.load(adapter_file).manifest.training["steps"] == 2
+        assert row["method"] in result.output
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

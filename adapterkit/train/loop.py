@@ -144,6 +144,7 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
         main = procs.rank == 0
         bar = tqdm(total=total_steps, desc=f"train {config.method}", disable=not (progress and main), leave=False)
         step, seconds, history = 0, 0.0, []
+        torch.manual_seed(config.seed)  # dropout masks follow the seed, whatever loading consumed before
         for epoch in range(epochs):
             sampler.set_epoch(epoch)
             started = time.perf_counter()
