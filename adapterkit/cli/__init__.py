@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -61,7 +62,20 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _quiet_dependencies() -> None:
+    """Keep the screen for adapterkit's own output: transformers' load reports and weight-loading bars, the ONNX
+    exporter's notes and deprecation warnings from dependencies show only with --verbose. Called before a command's
+    module (and so transformers) is imported."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
+    if not {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv):
+        _quiet_dependencies()
     try:
         cli.main(args=argv, prog_name="adapterkit", standalone_mode=False)
     except AdapterError as exc:
