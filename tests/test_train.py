@@ -206,3 +206,14 @@ def test_compare_writes_the_five_criteria(example, tmp_path):
         assert adapterkit.load(adapter_file).manifest.training["steps"] == 2
         assert row["method"] in result.output
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_example_command_is_deterministic(example, tmp_path):
+    result = CliRunner().invoke(cli, ["example", "-o", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    first = example["llama"].parent
+    written = sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
+    assert {"llama/model.safetensors", "llama/tokenizer.json", "bert/model.safetensors", "sentiment_eval.jsonl"} <= \
+        {str(p) for p in written}
+    for relative in written:
+        assert (tmp_path / "again" / relative).read_bytes() == (first / relative).read_bytes(), relative
