@@ -98,6 +98,9 @@ def test_llama_no_adapter_is_the_base(llama):
     model, _, _, runner = llama
     inputs = sample_inputs(tiny_models.VOCAB)
     assert max_diff(runner.run(numpy(inputs))["logits"], torch_output(model, inputs)) < ATOL
+    assert runner.provider == "CPUExecutionProvider"  # this machine has no GPU: the runner says what really runs
+    with pytest.raises(AdapterError, match="no adapter 'c'"):
+        runner.run(numpy(inputs), "c")
 
 
 def test_llama_lora_swapped_in_one_session(llama):

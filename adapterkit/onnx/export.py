@@ -21,6 +21,7 @@ import onnx
 import torch
 import transformers
 from torch.export import Dim
+from tqdm.auto import tqdm
 
 from adapterkit.adapter import Adapter
 from adapterkit.errors import AdapterError
@@ -104,17 +105,23 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))  # renamed into place at the end
+    progress = tqdm(total=2 + len(adapters), desc="export", unit="step", disable=None)
     try:
-        onnx_model = _trace(torch_model, model, opset)
-        add_defaults(onnx_model, torch_model.defaults)
-        onnx.save(onnx_model, staging / MODEL_FILE)
-        described = []
-        for name, adapter in zip(names, adapters):
-            entry = {"name": name, "kinds": adapter.manifest.kinds}
-            if not merged:
-                entry["file"] = f"adapters/{name}.onnx_adapter"
-                write_onnx_adapter(feeds[name], staging / entry["file"])
-            described.append(entry)
+        with progress:
+            progress.set_postfix_str("tracing")
+            onnx_model = _trace(torch_model, model, opset)
+            progress.update()
+            add_defaults(onnx_model, torch_model.defaults)
+            onnx.save(onnx_model, staging / MODEL_FILE)
+            progress.update()
+            described = []
+            for name, adapter in zip(names, adapters):
+                entry = {"name": name, "kinds": adapter.manifest.kinds}
+                if not merged:
+                    entry["file"] = f"adapters/{name}.onnx_adapter"
+                    write_onnx_adapter(feeds[name], staging / entry["file"])
+                described.append(entry)
+                progress.update()
         description = {
             "format": "adapterkit-onnx",
             "version": 1,
