@@ -18,12 +18,16 @@ agree; loading in a lower precision than the checkpoint's (float16 from float32)
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Iterable, Iterator
 
 import torch
 
 from adapterkit.checkpoint import Checkpoint
+from adapterkit.errors import AdapterError
+
+log = logging.getLogger(__name__)
 
 FLOATING = {"F16", "BF16", "F32", "F64"}
 
@@ -63,3 +67,30 @@ def _record(shape: list[int], first: torch.Tensor, last: torch.Tensor) -> str:
     sample = torch.cat([first.reshape(-1), last.reshape(-1)]).to(torch.float32).to(torch.bfloat16)
     digest = hashlib.sha256(sample.view(torch.int16).numpy().astype("<i2").tobytes()).hexdigest()
     return f"{'x'.join(map(str, shape))}:{digest}"
+
+
+def full_targets(adapter) -> list[str]:
+    """Targets whose tensors an adapter's ``full`` components bring whole (a task head): not part of its base."""
+    return [t for c in adapter.components if c.kind == "full" for t in c.targets]
+
+
+def check_base(adapter, base, where: str, force: bool = False, replaced: Iterable[str] | None = None,
+               also_exclude: Iterable[str] = ()) -> None:
+    """Refuse ``adapter`` on ``base`` (a module or checkpoint path) when its recorded base fingerprint differs, unless
+    ``force``. ``replaced`` names the base tensors its full components replace (default: their targets as written);
+    they are left out, and a fingerprint that includes them is accepted too. ``also_exclude`` names tensors that are
+    not the base's own (adapters attached earlier)."""
+    expected = adapter.manifest.base_model.fingerprint
+    if expected is None:
+        log.warning("%s records no base fingerprint: cannot check that it belongs to this base", where)
+        return
+    replaced = list(full_targets(adapter) if replaced is None else replaced)
+    also_exclude = list(also_exclude)
+    actual = fingerprint(base, exclude=replaced + also_exclude)
+    if actual == expected or (replaced and expected == fingerprint(base, exclude=also_exclude)):
+        return
+    if force:
+        log.warning("%s was made for base %s but this base is %s; going on anyway (force)", where, expected, actual)
+        return
+    raise AdapterError(f"{where} was made for another base model (fingerprint {expected}, this base is {actual}); "
+                       "pass --force (force=True) to use it anyway")

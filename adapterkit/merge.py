@@ -24,7 +24,7 @@ import torch
 
 from adapterkit.adapter import Adapter
 from adapterkit.errors import AdapterError
-from adapterkit.fingerprint import fingerprint
+from adapterkit.fingerprint import check_base
 from adapterkit.kinds import get_kind
 from adapterkit.manifest import Component
 
@@ -56,29 +56,6 @@ def adapter_digest(adapter: Adapter) -> str:
         digest.update(name.encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def full_targets(adapter: Adapter) -> list[str]:
-    """Targets whose tensors a ``full`` component brings whole (left out of the base fingerprint)."""
-    return [t for c in adapter.components if c.kind == "full" for t in c.targets]
-
-
-def check_base(adapter: Adapter, base, where: str, force: bool = False) -> None:
-    """Refuse an adapter made for another base (fingerprint mismatch) unless ``force``."""
-    expected = adapter.manifest.base_model.fingerprint
-    if expected is None:
-        log.warning("%s records no base fingerprint: cannot check that it belongs to this base", where)
-        return
-    excluded = full_targets(adapter)
-    if expected == fingerprint(base, exclude=excluded) or (excluded and expected == fingerprint(base)):
-        return
-    if force:
-        log.warning("%s was made for another base (fingerprint differs); merging anyway (--force)", where)
-        return
-    raise AdapterError(
-        f"{where} was made for another base model (fingerprint {expected} does not match this base): "
-        "use --force to merge anyway"
-    )
 
 
 @dataclasses.dataclass

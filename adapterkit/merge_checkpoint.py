@@ -29,8 +29,8 @@ from adapterkit.adapter import Adapter
 from adapterkit.checkpoint import INDEX_FILE, Checkpoint
 from adapterkit.errors import AdapterError
 from adapterkit.fileformat import DTYPES
-from adapterkit.fingerprint import fingerprint
-from adapterkit.merge import MergePlan, adapter_digest, check_base
+from adapterkit.fingerprint import check_base, fingerprint
+from adapterkit.merge import MergePlan, adapter_digest
 from adapterkit.safetensors_writer import StreamedSafetensorsWriter, data_offsets
 from adapterkit.sources import load_adapter
 

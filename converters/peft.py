@@ -32,9 +32,9 @@ from adapterkit.adapter import Adapter, tensor_name
 from adapterkit.checkpoint import Checkpoint
 from adapterkit.errors import AdapterError
 from adapterkit.fileformat import write_atomically
-from adapterkit.fingerprint import fingerprint
+from adapterkit.fingerprint import fingerprint, full_targets
 from adapterkit.manifest import BaseModel, Component, Manifest
-from adapterkit.merge import full_targets, resolve_module
+from adapterkit.merge import resolve_module
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

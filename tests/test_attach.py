@@ -186,7 +186,7 @@ def test_fingerprint_mismatch_is_refused_unless_forced(caplog):
     adapter = tiny_models.random_lora(tiny_models.llama(seed=0), LLAMA_TARGETS[:2])
     other = tiny_models.llama(seed=1)
     before = snapshot(other)
-    with pytest.raises(AdapterError, match=r"made for base fp1:\w+ but this model is fp1:\w+; pass force=True"):
+    with pytest.raises(AdapterError, match=r"made for another base model \(fingerprint fp1:\w+, this base is fp1:\w+\); pass --force"):
         attach(other, adapter)
     assert_restored(other, before)
     with attach(other, adapter, force=True):

@@ -24,7 +24,7 @@ import torch
 from adapterkit.adapter import Adapter
 from adapterkit.attach.wrapper import AdapterWrapper
 from adapterkit.errors import AdapterError
-from adapterkit.fingerprint import fingerprint
+from adapterkit.fingerprint import check_base
 from adapterkit.merge import _weights, resolve_module
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,9 @@ def attach(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter], weight
     weights = _weights(adapters, weights)
     handle = AttachedAdapters(model, adapters, trainable)
     for index, adapter in enumerate(adapters):
-        _check_base(handle, index, adapter, force)
+        replaced = [handle.resolve(c.name, t) for c in adapter.components if c.kind == "full" for t in c.targets]
+        check_base(adapter, model, f"adapter {index} ({adapter.manifest.base_model.id or 'no base id'})", force,
+                   replaced=replaced, also_exclude=_attached_parameter_names(model))
     try:
         for index, (adapter, weight) in enumerate(zip(adapters, weights)):
             for component in adapter.components:
@@ -151,27 +153,6 @@ def _attacher(kind: str):
     if kind not in ATTACHABLE:
         raise AdapterError(f"adapters of kind {kind!r} cannot be attached (attachable: {', '.join(ATTACHABLE)})")
     return importlib.import_module(f"adapterkit.attach.{kind}").attach
-
-
-def _check_base(handle: AttachedAdapters, index: int, adapter: Adapter, force: bool) -> None:
-    """Compare the adapter's base fingerprint with the model's (leaving out what its ``full`` components replace and
-    the parameters of adapters attached before)."""
-    expected = adapter.manifest.base_model.fingerprint
-    where = f"adapter {index} ({adapter.manifest.base_model.id or 'no base id'})"
-    if expected is None:
-        log.warning("%s records no base fingerprint: cannot check that it belongs to this model", where)
-        return
-    replaced = [handle.resolve(c.name, t) for c in adapter.components if c.kind == "full" for t in c.targets]
-    attached = _attached_parameter_names(handle.model)
-    actual = fingerprint(handle.model, exclude=replaced + attached)
-    # A producer may also have fingerprinted the base with the head the full components replace (as merge accepts).
-    if actual == expected or (replaced and expected == fingerprint(handle.model, exclude=attached)):
-        return
-    if force:
-        log.warning("%s was made for base %s but this model is %s; attaching anyway (force)", where, expected, actual)
-        return
-    raise AdapterError(f"{where} was made for base {expected} but this model is {actual}; "
-                       "pass force=True / --force to attach anyway")
 
 
 def _attached_parameter_names(model: torch.nn.Module) -> list[str]:

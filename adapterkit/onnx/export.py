@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from adapterkit.adapter import Adapter
 from adapterkit.errors import AdapterError
-from adapterkit.merge import check_base, merge_into_model
+from adapterkit.fingerprint import check_base
+from adapterkit.merge import merge_into_model
 from adapterkit.onnx.adapter_files import write_onnx_adapter
 from adapterkit.onnx.exportable import ExportableModel, output_name, slot_defaults
 from adapterkit.onnx.graph import add_defaults, io_description
