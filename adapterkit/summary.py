@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 from adapterkit.adapter import Adapter
+from adapterkit.errors import AdapterError
 from adapterkit.kinds import get_kind
 
 
@@ -93,15 +95,72 @@ def render(summary: dict) -> str:
         lines.append(f"  {'':<12} {'':<7} targets: {_compact_targets(c['target_names'])}")
     composition = summary.get("composition")
     if composition:
-        lines.append(f"composed    by {composition['method']}" + (
-            f" to rank {composition['rank']}" if composition.get("rank") else ""))
+        lines.append(f"composed    {_composition_line(composition)}")
         for source in composition["sources"]:
             lines.append(f"  from {source['name']} (weight {source['weight']:g}, sha256 {source['sha256'][:16]}…)")
         error = composition.get("error") or {}
-        if isinstance(error.get("relative"), (int, float)):
-            lines.append(f"  relative Frobenius error {error['relative']:.3e}")
+        if isinstance(error.get("relative"), (int, float)) and error["relative"] > 0:
+            worst = max((e.get("relative", 0) for e in (error.get("per_target") or {}).values()
+                         if isinstance(e, dict) and isinstance(e.get("relative"), (int, float))), default=None)
+            lines.append(f"  relative Frobenius error {error['relative']:.3e} overall"
+                         + (f", {worst:.3e} at worst per target" if worst is not None else ""))
     training = summary.get("training")
     if training:
         shown = ", ".join(f"{k}={v}" for k, v in training.items() if not isinstance(v, (dict, list)))
         lines.append(f"trained     {shown}")
+    return "\n".join(lines)
+
+
+def _composition_line(composition: dict) -> str:
+    """``by svd to rank 16``, ``by svd to tolerance 0.05``, ``by ties (density 0.2) to rank 8``, ``by concat (exact)``."""
+    method = composition.get("method", "?")
+    details = [f"{key} {composition[key]}" for key in ("density", "seed") if composition.get(key) is not None]
+    error = composition.get("error") or {}
+    if method == "concat" or error.get("relative") == 0:
+        details.append("exact")
+    line = f"by {method}" + (f" ({', '.join(details)})" if details else "")
+    if composition.get("rank"):
+        line += f" to rank {composition['rank']}"
+    elif composition.get("tolerance") is not None:
+        line += f" to tolerance {composition['tolerance']}"
+    return line
+
+
+MERGE_RECORD = "adapterkit_merge.json"  # written by adapterkit.merge_checkpoint
+EXPORT_DESCRIPTION = "adapterkit.json"  # written by adapterkit.onnx.export
+
+
+def describe_folder(folder: str | os.PathLike) -> dict:
+    """What adapterkit wrote into a folder: a merged model (its merge record) or an ONNX export (its description)."""
+    folder = os.fspath(folder)
+    for name, what in ((MERGE_RECORD, "merged model"), (EXPORT_DESCRIPTION, "onnx export")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                with open(path) as handle:
+                    record = json.load(handle)
+            except (OSError, ValueError) as exc:
+                raise AdapterError(f"{name} is unreadable ({exc})", folder) from None
+            return {"folder": folder, "what": what, **record}
+    raise AdapterError(f"not an adapter file, merged model or ONNX export (no {MERGE_RECORD} or {EXPORT_DESCRIPTION})",
+                       folder)
+
+
+def render_folder(summary: dict) -> str:
+    """The human-readable form of :func:`describe_folder`."""
+    lines = [f"{summary['folder']}  ({summary['what']})"]
+    if summary["what"] == "merged model":
+        lines.append(f"base fingerprint {summary.get('base_fingerprint')}")
+        for entry in summary.get("merged", []):
+            lines.append(f"  merged {entry.get('source')} (weight {entry.get('weight', 1):g}, "
+                         f"sha256 {str(entry.get('sha256'))[:16]}…)")
+        return "\n".join(lines)
+    lines.append(f"mode        {summary.get('mode')} graph {summary.get('model')} from base {summary.get('base')}")
+    lines.append("inputs      " + ", ".join(f"{i['name']} {i['shape']}" for i in summary.get("inputs", [])))
+    lines.append("outputs     " + ", ".join(f"{o['name']} {o['shape']}" for o in summary.get("outputs", [])))
+    if summary.get("adapter_inputs"):
+        lines.append(f"adapter slots {len(summary['adapter_inputs'])} optional inputs (empty by default: the base model)")
+    for adapter in summary.get("adapters", []):
+        lines.append(f"  adapter {adapter['name']:<12} {', '.join(adapter.get('kinds', []))}"
+                     + (f"  {adapter['file']}" if adapter.get("file") else ""))
     return "\n".join(lines)

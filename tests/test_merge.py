@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,10 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 import tiny_models
+from cli_runner import call_cli, run_cli
 from adapterkit import Adapter, AdapterError, BaseModel, Component, Manifest, save
 from adapterkit.adapter import tensor_name
 from adapterkit.checkpoint import Checkpoint
-from adapterkit.merge import merge_into_model, unmerge_from_model
+from adapterkit.merge import adapter_digest, merge_into_model, unmerge_from_model
 from adapterkit.merge_checkpoint import RECORD_FILE, merge_checkpoint, unmerge_checkpoint
 
 LLAMA_TARGETS = [f"model.layers.{i}.{m}" for i in range(2) for m in
@@ -180,11 +179,6 @@ def test_target_names_resolve_across_a_wrapper_prefix(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "bad").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-c", "from adapterkit.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_cli_refuses_other_base_unless_forced_and_refuses_prefix(tiny_llama_dir, tmp_path):
     other = tiny_models.random_lora(tiny_models.llama(seed=5), LLAMA_TARGETS[:2])  # same shapes, other weights
     save(other, tmp_path / "other.safetensors")
@@ -197,6 +191,9 @@ def test_cli_refuses_other_base_unless_forced_and_refuses_prefix(tiny_llama_dir,
     merged = load_file(tmp_path / "out" / "model.safetensors")
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
                            load_file(tiny_llama_dir / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
+    shown = json.loads(call_cli("inspect", tmp_path / "out", "--json").stdout)
+    assert shown["what"] == "merged model"
+    assert shown["merged"][0]["sha256"] == adapter_digest(other)  # the record names the adapter by its content
     again = run_cli("merge", tiny_llama_dir, tmp_path / "other.safetensors", "-o", tmp_path / "out", "--force")
     assert again.returncode == 1 and "--overwrite" in again.stderr
 

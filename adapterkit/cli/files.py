@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
 from adapterkit.errors import AdapterError
 from adapterkit.fingerprint import fingerprint
 from adapterkit.sources import load_adapter, local_path
-from adapterkit.summary import describe, render
+from adapterkit.summary import describe, describe_folder, render, render_folder
 
 
 @click.command()
 @click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(file: str, as_json: bool) -> None:
-    """Show what an adapter FILE holds and which base model it belongs to."""
+    """Show what an adapter FILE holds and which base model it belongs to; or, for a folder that `merge` or
+    `export` wrote, which adapters went into it."""
+    if os.path.isdir(file):
+        summary = describe_folder(file)
+        click.echo(json.dumps(summary, indent=2) if as_json else render_folder(summary))
+        return
     path = local_path(file)
     summary = describe(load_adapter(path), path)
     click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
