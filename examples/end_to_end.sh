@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole adapterkit job on the built-in tiny example, offline, as a user types it:
-#   example data → train (LoRA ×2, prefix, BitFit) → inspect/validate → compose → merge/unmerge → ONNX export → ONNX Runtime.
+#   example data → train (LoRA ×2, prefix, BitFit, a classifier) → inspect/validate → compose → merge/unmerge
+#   → ONNX export → ONNX Runtime → push/pull through a Hub stand-in on loopback → PEFT conversion.
 # Usage: bash examples/end_to_end.sh [OUTPUT_DIR]      (make demo runs it into demo-output/)
 set -euo pipefail
 OUT=${1:-demo-output}
@@ -13,14 +14,16 @@ step "1. A tiny Llama and BERT (random, with tokenizers) and JSONL data, built o
 BASE="$OUT/example/llama"
 
 step "2a. Train a LoRA on formal support replies" \
-  adapterkit train "$BASE" --method lora --data "$OUT/example/support_formal.jsonl" --steps 60 --rank 4 --alpha 8 -o "$OUT/formal.safetensors"
+  adapterkit train "$BASE" --method lora --data "$OUT/example/support_formal.jsonl" --steps 300 --lr 1e-2 --rank 4 --alpha 8 -o "$OUT/formal.safetensors"
 step "2b. Train a LoRA on casual replies (another rank)" \
-  adapterkit train "$BASE" --method lora --data "$OUT/example/support_casual.jsonl" --steps 60 --rank 8 --alpha 8 -o "$OUT/casual.safetensors"
+  adapterkit train "$BASE" --method lora --data "$OUT/example/support_casual.jsonl" --steps 300 --lr 1e-2 --rank 8 --alpha 8 -o "$OUT/casual.safetensors"
 step "2c. Train a prefix (8 virtual tokens per layer)" \
-  adapterkit train "$BASE" --method prefix --data "$OUT/example/support_formal.jsonl" --steps 40 --prefix-length 8 -o "$OUT/prefix.safetensors"
-step "2d. Train BitFit and a classification head on the BERT sentiment set" \
-  adapterkit train "$OUT/example/bert" --method bitfit --task classify --data "$OUT/example/sentiment_train.jsonl" \
-    --eval-data "$OUT/example/sentiment_eval.jsonl" --epochs 3 -o "$OUT/sentiment.safetensors"
+  adapterkit train "$BASE" --method prefix --data "$OUT/example/support_formal.jsonl" --steps 300 --prefix-length 8 -o "$OUT/prefix.safetensors"
+step "2d. Train BitFit (bias deltas only)" \
+  adapterkit train "$BASE" --method bitfit --data "$OUT/example/support_formal.jsonl" --steps 300 --lr 1e-2 -o "$OUT/bitfit.safetensors"
+step "2e. Train a LoRA and a new classification head on the BERT sentiment set, evaluated each epoch" \
+  adapterkit train "$OUT/example/bert" --method lora --task classify --data "$OUT/example/sentiment_train.jsonl" \
+    --eval-data "$OUT/example/sentiment_eval.jsonl" --epochs 4 --lr 5e-3 -o "$OUT/sentiment.safetensors"
 
 step "3. What is in a file, and is every file valid?" \
   adapterkit inspect "$OUT/formal.safetensors"
@@ -31,19 +34,22 @@ step "4a. Compose: exact weighted sum of the two LoRAs (rank 4 + 8 = 12)" \
   adapterkit compose "$OUT/formal.safetensors" "$OUT/casual.safetensors" --weights 0.7,0.3 -o "$OUT/mix.safetensors"
 step "4b. The same, compressed to rank 4 without forming ΔW (error printed and recorded)" \
   adapterkit compose "$OUT/formal.safetensors" "$OUT/casual.safetensors" --weights 0.7,0.3 --method svd --rank 4 -o "$OUT/mix_r4.safetensors"
-step "4c. LoRA and prefix in one file" \
-  adapterkit compose "$OUT/mix.safetensors" "$OUT/prefix.safetensors" -o "$OUT/mix_prefix.safetensors"
-step "" adapterkit inspect "$OUT/mix_prefix.safetensors"
+step "4c. LoRA, prefix and BitFit in one file" \
+  adapterkit compose "$OUT/mix.safetensors" "$OUT/prefix.safetensors" "$OUT/bitfit.safetensors" -o "$OUT/all_kinds.safetensors"
+step "" adapterkit inspect "$OUT/all_kinds.safetensors"
 
 step "5a. Merge the mix into the base weights, streamed tensor by tensor" \
   adapterkit merge "$BASE" "$OUT/mix.safetensors" -o "$OUT/merged"
 step "5b. ...and take it out again" \
   adapterkit unmerge "$OUT/merged" "$OUT/mix.safetensors" -o "$OUT/unmerged"
+step "" adapterkit inspect "$OUT/merged"
 
 step "6a. Export the merged model to ONNX and check ONNX Runtime against torch" \
   adapterkit export --onnx "$BASE" "$OUT/mix.safetensors" --merged -o "$OUT/onnx_merged" --verify
-step "6b. Export one graph with swappable adapters (LoRA mix, formal LoRA, prefix), verified per adapter" \
-  adapterkit export --onnx "$BASE" "$OUT/mix.safetensors" "$OUT/formal.safetensors" "$OUT/prefix.safetensors" --unmerged -o "$OUT/onnx_unmerged" --verify
+step "6b. Export one graph with swappable adapters (LoRA mix, formal LoRA, prefix, BitFit), verified per adapter" \
+  adapterkit export --onnx "$BASE" "$OUT/mix.safetensors" "$OUT/formal.safetensors" "$OUT/prefix.safetensors" \
+    "$OUT/bitfit.safetensors" --unmerged -o "$OUT/onnx_unmerged" --verify
+step "" adapterkit inspect "$OUT/onnx_unmerged"
 
 step "7. Serve: one ONNX Runtime session, adapters switched per call" \
   python - "$OUT/onnx_unmerged" "$BASE" <<'PY'
@@ -54,13 +60,29 @@ from adapterkit.onnx.runner import Runner
 
 runner = Runner(sys.argv[1])
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
-batch = tokenizer(["dear customer , thank you"], return_tensors="np")
-inputs = {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
-print(f"provider: {runner.provider}")
+print(f"ONNX Runtime runs on: {runner.provider}")
 for adapter in [None, *runner.adapters]:
-    logits = runner.run(inputs, adapter=adapter)["logits"]
-    next_token = tokenizer.decode([int(logits[0, -1].argmax())])
-    print(f"adapter {adapter or '(none: base)':<12} next token after the prompt: {next_token!r}")
+    ids = tokenizer(["thank you for"], return_tensors="np")["input_ids"].astype(np.int64)
+    for _ in range(8):  # greedy decoding, one full forward per token (the export has no KV cache)
+        logits = runner.run({"input_ids": ids, "attention_mask": np.ones_like(ids)}, adapter=adapter)["logits"]
+        ids = np.concatenate([ids, logits[:, -1:].argmax(-1)], axis=1)
+    print(f"{adapter or '(base)':<8} {tokenizer.decode(ids[0], skip_special_tokens=True)}")
 PY
+
+# A stand-in for huggingface.co on loopback (the same server the tests use): the real Hub client talks to it.
+python tests/hub_server.py --port 0 > "$OUT/hub.url" & HUB_PID=$!
+trap 'kill $HUB_PID 2>/dev/null' EXIT
+until [ -s "$OUT/hub.url" ]; do sleep 0.2; done
+export HF_ENDPOINT=$(cat "$OUT/hub.url") HF_HUB_DISABLE_XET=1 HF_HOME="$OUT/hf-home" HF_TOKEN=demo-token
+step "8a. Push the mix: adapter + model card + sha256 record (+ PEFT files) in one commit" \
+  adapterkit push "$OUT/mix.safetensors" demo/support-mix --with-peft
+step "8b. Pull it back, sha256 and format verified, and use an hf:// reference like a path" \
+  adapterkit pull demo/support-mix -o "$OUT/pulled.safetensors"
+step "" cmp "$OUT/mix.safetensors" "$OUT/pulled.safetensors"
+step "" adapterkit inspect hf://demo/support-mix
+
+step "9. Convert to PEFT's format and back" \
+  adapterkit convert "$OUT/formal.safetensors" --to peft -o "$OUT/formal-peft"
+step "" adapterkit convert "$OUT/formal-peft" --base "$BASE" -o "$OUT/formal-back.safetensors"
 
 printf '\n\033[1mDone.\033[0m Everything is in %s/\n' "$OUT"
