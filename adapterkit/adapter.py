@@ -6,6 +6,7 @@ part, and the target (a module path of the base model, which has dots) is everyt
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,16 @@ class Adapter:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def content_sha256(self) -> str:
+        """sha256 of the content (manifest, then each tensor's name, dtype, shape and bytes in name order): the same
+        for a file and the value loaded from it, whatever the byte layout of the file."""
+        digest = hashlib.sha256(self.manifest.dumps().encode())
+        for key in sorted(self.tensors):
+            tensor = self.tensors[key].detach().contiguous()
+            digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
+            digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def validate(self) -> None:
         """Raise AdapterError if tensors and manifest disagree (the rules of spec/SPEC.md §5)."""

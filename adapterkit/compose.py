@@ -22,7 +22,6 @@ sources (name, sha256, weight), the rank or tolerance and the Frobenius error of
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 from collections import Counter
@@ -78,7 +77,7 @@ def compose(
     """
     weights = _check_request(adapters, weights, method, rank, tol, density, name)
     sources = [dict(s) for s in sources] if sources is not None else [
-        {"name": f"adapter{i}", "sha256": content_sha256(a)} for i, a in enumerate(adapters)
+        {"name": f"adapter{i}", "sha256": a.content_sha256()} for i, a in enumerate(adapters)
     ]
     if len(sources) != len(adapters):
         raise AdapterError(f"got {len(sources)} sources for {len(adapters)} adapters")
@@ -122,16 +121,6 @@ def compose(
     log.info("composed %d adapters by %s into %s (relative error %s)", len(adapters), method,
              ", ".join(f"{c.name} ({c.kind})" for c in components), error and f"{error['relative']:.3e}")
     return adapter
-
-
-def content_sha256(adapter: Adapter) -> str:
-    """A sha256 of an adapter in memory: its manifest, then each tensor's name, dtype, shape and bytes, sorted."""
-    digest = hashlib.sha256(adapter.manifest.dumps().encode())
-    for key in sorted(adapter.tensors):
-        tensor = adapter.tensors[key].detach().contiguous()
-        digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
-        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _check_request(adapters, weights, method, rank, tol, density, name) -> list[float]:

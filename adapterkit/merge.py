@@ -16,7 +16,6 @@ one is refused (merge again from the base instead).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from typing import Iterable, Sequence
 
@@ -46,16 +45,6 @@ def resolve_module(target: str, modules: set[str]) -> str | None:
     if len(candidates) > 1:
         raise AdapterError(f"target {target!r} is ambiguous in the base: it could be {' or '.join(sorted(candidates))}")
     return candidates.pop() if candidates else None
-
-
-def adapter_digest(adapter: Adapter) -> str:
-    """sha256 of an adapter's content (manifest and tensors), the same for a file and the value loaded from it."""
-    digest = hashlib.sha256(adapter.manifest.dumps().encode())
-    for name in sorted(adapter.tensors):
-        tensor = adapter.tensors[name].detach().contiguous()
-        digest.update(name.encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass

@@ -30,7 +30,7 @@ from adapterkit.checkpoint import INDEX_FILE, Checkpoint
 from adapterkit.errors import AdapterError
 from adapterkit.fileformat import DTYPES
 from adapterkit.fingerprint import check_base, fingerprint
-from adapterkit.merge import MergePlan, adapter_digest
+from adapterkit.merge import MergePlan
 from adapterkit.safetensors_writer import StreamedSafetensorsWriter, data_offsets
 from adapterkit.sources import load_adapter
 
@@ -57,7 +57,7 @@ def merge_checkpoint(base_dir, adapters: Sequence, out_dir, weights: Sequence[fl
             check_base(adapter, base_dir, source, force)
     base_fingerprint = fingerprint(base_dir)
     record["merged"] += [
-        {"source": source, "sha256": adapter_digest(adapter), "weight": weight,
+        {"source": source, "sha256": adapter.content_sha256(), "weight": weight,
          "base_fingerprint": adapter.manifest.base_model.fingerprint}
         for (source, adapter), weight in zip(loaded, weights)
     ]
@@ -74,7 +74,7 @@ def unmerge_checkpoint(merged_dir, adapters: Sequence, out_dir, weights: Sequenc
     record = _read_record(merged_dir)
     for (source, adapter), weight in zip(loaded, weights):
         entry = next((e for e in record["merged"]
-                      if e["sha256"] == adapter_digest(adapter) and abs(e["weight"] - weight) < 1e-12), None)
+                      if e["sha256"] == adapter.content_sha256() and abs(e["weight"] - weight) < 1e-12), None)
         if entry is not None:
             record["merged"].remove(entry)
         elif not force:

@@ -16,7 +16,7 @@ from cli_runner import call_cli, run_cli
 from adapterkit import Adapter, AdapterError, BaseModel, Component, Manifest, save
 from adapterkit.adapter import tensor_name
 from adapterkit.checkpoint import Checkpoint
-from adapterkit.merge import adapter_digest, merge_into_model, unmerge_from_model
+from adapterkit.merge import merge_into_model, unmerge_from_model
 from adapterkit.merge_checkpoint import RECORD_FILE, merge_checkpoint, unmerge_checkpoint
 
 LLAMA_TARGETS = [f"model.layers.{i}.{m}" for i in range(2) for m in
@@ -193,7 +193,7 @@ def test_cli_refuses_other_base_unless_forced_and_refuses_prefix(tiny_llama_dir,
                            load_file(tiny_llama_dir / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
     shown = json.loads(call_cli("inspect", tmp_path / "out", "--json").stdout)
     assert shown["what"] == "merged model"
-    assert shown["merged"][0]["sha256"] == adapter_digest(other)  # the record names the adapter by its content
+    assert shown["merged"][0]["sha256"] == other.content_sha256()  # the record names the adapter by its content
     again = run_cli("merge", tiny_llama_dir, tmp_path / "other.safetensors", "-o", tmp_path / "out", "--force")
     assert again.returncode == 1 and "--overwrite" in again.stderr
 

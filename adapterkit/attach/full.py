@@ -4,7 +4,6 @@ parameter objects back, or removes the added ones. Full tensors are not weighted
 
 from __future__ import annotations
 
-import torch
 
 from adapterkit.attach.wrapper import innermost
 from adapterkit.errors import AdapterError

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -21,14 +20,6 @@ import torch
 from adapterkit.errors import AdapterError
 
 OPENERS = {".gz": gzip.open, ".bz2": bz2.open}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:

@@ -29,7 +29,8 @@ from adapterkit.attach import attach
 from adapterkit.errors import AdapterError
 from adapterkit.manifest import Manifest
 from adapterkit.train.base import base_record, load_base
-from adapterkit.train.data import Collator, file_sha256, load_examples
+from adapterkit.summary import sha256_of
+from adapterkit.train.data import Collator, load_examples
 from adapterkit.train.evaluate import evaluate, example_losses
 from adapterkit.train.init import new_components
 
@@ -180,10 +181,10 @@ def training_record(config: TrainConfig, lr: float, steps: int, epochs: int, lab
     record = {
         "method": config.method, "task": config.task, "steps": steps, "epochs": epochs, "lr": lr,
         "batch_size": config.batch_size, "seed": config.seed,
-        "data": {"file": os.path.basename(config.data), "sha256": file_sha256(config.data)},
+        "data": {"file": os.path.basename(config.data), "sha256": sha256_of(config.data)},
     }
     if config.eval_data:
-        record["eval_data"] = {"file": os.path.basename(config.eval_data), "sha256": file_sha256(config.eval_data)}
+        record["eval_data"] = {"file": os.path.basename(config.eval_data), "sha256": sha256_of(config.eval_data)}
     if labels:
         record["labels"] = list(labels)
     if history:
