@@ -7,6 +7,8 @@ adding one module here and registering it below.
 
 from __future__ import annotations
 
+import abc
+
 from typing import Iterator, Mapping
 
 import torch
@@ -15,16 +17,17 @@ from adapterkit.errors import AdapterError
 from adapterkit.manifest import Component
 
 
-class Kind:
-    """Per-kind rules. Subclasses set ``name`` and ``roles`` and implement the methods."""
+class Kind(abc.ABC):
+    """Per-kind rules. Subclasses set ``name`` and ``roles``, implement :meth:`check`, and override the rest where
+    their kind does something else."""
 
     name: str = ""
     #: tensor roles a target of this kind holds; ``None`` means any parameter name (``full``)
     roles: tuple[str, ...] | None = ()
 
+    @abc.abstractmethod
     def check(self, component: Component, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Raise AdapterError (no path) if the tensors of ``component`` ({target: {role: tensor}}) break its rules."""
-        raise NotImplementedError(f"kind {self.name} must implement check")
 
     def weight_deltas(
         self, component: Component, tensors: Mapping[str, Mapping[str, torch.Tensor]]

@@ -172,7 +172,7 @@ def _worker(job_json: str) -> None:
     job = json.loads(job_json)
     torch.manual_seed(0)
     row = measure(job["base"], TrainConfig(**job["config"]), job["output"])
-    print(json.dumps(row))
+    sys.stdout.write(json.dumps(row) + "\n")  # the parent process reads this one line
 
 
 if __name__ == "__main__":
