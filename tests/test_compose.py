@@ -353,7 +353,7 @@ def test_cli_composes_prints_errors_and_records_the_sources(capsys, files, two_l
 @pytest.mark.parametrize("argv, message", [
     (["a", "other_base"], "made for another base model"),
     (["a", "wrong_shape"], "shapes disagree"),
-    (["a", "b", "--weights", "1,2,3"], "got 3 weights for 2 adapters"),
+    (["a", "b", "--weights", "1,2,3"], "gives 3 weights for 2 adapters"),
     (["a", "b", "--rank", "4"], "concat is exact"),
     (["a", "b", "--method", "ties"], "ties needs a density"),
     (["a", "b", "--method", "svd", "--rank", "2", "--tol", "0.1"], "either a rank or a tolerance"),
@@ -367,6 +367,6 @@ def test_cli_refusals_are_one_line_and_exit_1(capsys, files, argv, message):
     assert not files["out"].with_name("refused.safetensors").exists()
 
 
-def test_cli_unknown_method_is_a_usage_error(capsys, files):
+def test_cli_unknown_method_is_refused_in_one_line(capsys, files):
     code, _, err = run_cli(capsys, files["a"], "--method", "average", "-o", files["out"])
-    assert code == 2 and "'average' is not one of" in err
+    assert code == 1 and err.count("\n") == 1 and "unknown composition method 'average'" in err

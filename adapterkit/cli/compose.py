@@ -6,26 +6,18 @@ import os
 
 import click
 
+from adapterkit.cli.options import parse_weights
+
 from adapterkit.compose import METHODS, compose as compose_adapters
-from adapterkit.errors import AdapterError
 from adapterkit.fileformat import save
 from adapterkit.sources import load_adapter, local_path
 from adapterkit.summary import sha256_of
 
 
-def _parse_weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise AdapterError(f"--weights {text!r} is not a comma-separated list of numbers") from None
-
-
 @click.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--weights", help="Comma-separated weights, one per adapter (negative subtracts).  [default: 1 each]")
-@click.option("--method", type=click.Choice(METHODS), default="concat",
+@click.option("--method", default="concat", metavar="|".join(METHODS),
               help="concat: exact, rank Σrᵢ. svd: compress to --rank/--tol from the factors. ties/dare: merge the "
                    "dense deltas (needs --density), then compress.")
 @click.option("--rank", type=int, help="Rank of the result (svd, ties, dare).  [default: the largest input rank]")
@@ -39,8 +31,9 @@ def compose(adapters, weights, method, rank, tol, density, seed, name, output) -
     paths = [local_path(ref) for ref in adapters]
     sources = [{"name": os.path.basename(ref.rstrip("/")) if not ref.startswith("hf://") else ref,
                 "sha256": sha256_of(path)} for ref, path in zip(adapters, paths)]
-    result = compose_adapters([load_adapter(path) for path in paths], _parse_weights(weights), method, rank, tol,
-                              density, seed, sources, name)
+    weights = parse_weights(weights, len(adapters))
+    result = compose_adapters([load_adapter(path) for path in paths], weights, method, rank, tol, density, seed,
+                              sources, name)
     save(result, output)
     click.echo(f"wrote {output}: {', '.join(_component_line(result, c) for c in result.components)}")
     error = result.manifest.composition["error"]

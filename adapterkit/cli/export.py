@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adapterkit.cli.merge import _parse_weights
+from adapterkit.cli.options import parse_weights
 from adapterkit.errors import AdapterError
 from adapterkit.sources import load_adapters
 
@@ -37,7 +37,7 @@ def export(base, adapters, mode, output, weights, opset, verify, atol, force, ov
     if mode == "merged" and not adapters:
         raise AdapterError("--merged needs at least one adapter (to export the base alone, use --unmerged)")
     exported = export_onnx(base, load_adapters(adapters), output, merged=mode == "merged",
-                           names=adapter_names(adapters), weights=_parse_weights(weights, len(adapters)),
+                           names=adapter_names(adapters), weights=parse_weights(weights, len(adapters)),
                            opset=opset, force=force, overwrite=overwrite)
     click.echo(f"wrote {exported.folder} ({mode}, {len(adapters)} adapters)")
     if verify:

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import click
 
-from adapterkit.errors import AdapterError
+from adapterkit.cli.options import parse_weights
+
 from adapterkit.merge_checkpoint import OUTPUT_DTYPES, merge_checkpoint, unmerge_checkpoint
-
-
-def _parse_weights(text: str | None, count: int) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise AdapterError(f"--weights {text!r} is not a comma-separated list of numbers") from None
-    if len(weights) != count:
-        raise AdapterError(f"--weights gives {len(weights)} weights for {count} adapters")
-    return weights
 
 
 def _common(command):
@@ -41,7 +30,7 @@ def _common(command):
 def merge(base, adapters, output, weights, dtype, overwrite, force) -> None:
     """Fold ADAPTERS (files or hf:// refs) into the weights of the BASE model folder; write a model folder that
     from_pretrained loads. Streams tensor by tensor: memory stays near the largest tensor."""
-    merge_checkpoint(base, adapters, output, _parse_weights(weights, len(adapters)), dtype, force, overwrite)
+    merge_checkpoint(base, adapters, output, parse_weights(weights, len(adapters)), dtype, force, overwrite)
     click.echo(f"wrote {output}")
 
 
@@ -52,5 +41,5 @@ def merge(base, adapters, output, weights, dtype, overwrite, force) -> None:
 @click.option("--force", is_flag=True, help="Subtract even adapters the folder's merge record does not list.")
 def unmerge(merged, adapters, output, weights, dtype, overwrite, force) -> None:
     """Subtract ADAPTERS (merged earlier with the same --weights) from the MERGED model folder."""
-    unmerge_checkpoint(merged, adapters, output, _parse_weights(weights, len(adapters)), dtype, force, overwrite)
+    unmerge_checkpoint(merged, adapters, output, parse_weights(weights, len(adapters)), dtype, force, overwrite)
     click.echo(f"wrote {output}")
