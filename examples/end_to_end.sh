@@ -62,8 +62,8 @@ runner = Runner(sys.argv[1])
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
 print(f"ONNX Runtime runs on: {runner.provider}")
 for adapter in [None, *runner.adapters]:
-    ids = tokenizer(["thank you for"], return_tensors="np")["input_ids"].astype(np.int64)
-    for _ in range(8):  # greedy decoding, one full forward per token (the export has no KV cache)
+    ids = tokenizer(["dear customer ,"], return_tensors="np")["input_ids"].astype(np.int64)
+    for _ in range(10):  # greedy decoding, one full forward per token (the export has no KV cache)
         logits = runner.run({"input_ids": ids, "attention_mask": np.ones_like(ids)}, adapter=adapter)["logits"]
         ids = np.concatenate([ids, logits[:, -1:].argmax(-1)], axis=1)
     print(f"{adapter or '(base)':<8} {tokenizer.decode(ids[0], skip_special_tokens=True)}")
