@@ -117,21 +117,23 @@ def test_llama_lora_swapped_in_one_session(llama):
 
 
 def test_llama_prefix_matches_a_transformers_kv_cache(llama):
-    """A prefix is p past keys/values in every layer: transformers' cache holding them, with the new tokens at
-    positions 0..n-1 and the mask grown by p, is an independent reference."""
+    """A prefix is p past keys/values in every layer (spec §6.4): transformers' own cache holding them, the new
+    tokens at positions p..p+n-1 and the mask grown by p, is an independent reference; attach must agree too."""
     model, adapters, _, runner = llama
     inputs = sample_inputs(tiny_models.VOCAB)
     batch, length = inputs["input_ids"].shape
+    p = 3
     cache = DynamicCache(config=model.config)
     for layer in LLAMA_LAYERS:
         roles = adapters["prefix"].component_tensors("prefix")[f"model.layers.{layer}.self_attn"]
         cache.update(*(roles[r].expand(batch, -1, -1, -1) for r in ("prefix_key", "prefix_value")), layer)
-    mask = torch.cat([torch.ones(batch, 3, dtype=torch.long), inputs["attention_mask"]], dim=1)
+    mask = torch.cat([torch.ones(batch, p, dtype=torch.long), inputs["attention_mask"]], dim=1)
     with torch.no_grad():
         expected = model(input_ids=inputs["input_ids"], attention_mask=mask, cache=cache,
-                         position_ids=torch.arange(length).expand(batch, -1)).logits.numpy()
+                         position_ids=torch.arange(p, p + length).expand(batch, -1)).logits.numpy()
     actual = runner.run(numpy(inputs), "prefix")["logits"]
     assert max_diff(actual, expected) < ATOL
+    assert max_diff(actual, torch_output(model, inputs, [adapters["prefix"]])) < ATOL
     assert max_diff(actual, runner.run(numpy(inputs))["logits"]) > 100 * ATOL
 
 
@@ -205,7 +207,7 @@ def test_onnx_adapter_converter_feeds_the_graph(llama, tmp_path):
     assert max_diff(runner.session.run(None, inputs, options)[0], runner.run(inputs, "a")["logits"]) == 0.0
 
 
-# -- GPT-2 (Conv1D, fan_in_fan_out): LoRA and BitFit, through the CLI --------------------------------------------
+# -- GPT-2 (Conv1D, fan_in_fan_out, learned positions): LoRA, BitFit and prefix, through the CLI --------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +218,8 @@ def gpt2(tiny_gpt2_dir, tmp_path_factory):
         "lora": tiny_models.random_lora(model, [f"transformer.h.{i}.attn.c_attn" for i in range(2)],
                                         fan_in_fan_out=True, seed=4),
         "bias": bitfit(model, [f"transformer.h.{i}.mlp.c_fc" for i in range(2)], seed=5),
+        "prefix": prefix(model, [f"transformer.h.{i}.attn" for i in range(2)], kv_heads=4, head_dim=8, length=2,
+                         seed=9),
     }
     paths = []
     for name, adapter in adapters.items():
@@ -228,19 +232,20 @@ def test_cli_unmerged_with_verify_gpt2(gpt2, tiny_gpt2_dir, capsys):
     model, adapters, work, paths = gpt2
     main(["export", "--onnx", str(tiny_gpt2_dir), *paths, "--unmerged", "-o", str(work / "out"), "--verify"])
     printed = capsys.readouterr().out
-    assert "verified: all 3 checks" in printed and "adapter bias" in printed
+    assert "verified: all 4 checks" in printed and "adapter bias" in printed and "adapter prefix" in printed
     runner = Runner(work / "out")
     inputs = sample_inputs(tiny_models.VOCAB)
-    for name in ("lora", "bias", None, "lora"):
+    for name in ("lora", "bias", "prefix", None, "lora"):
         expected = torch_output(model, inputs, [adapters[name]] if name else [])
         assert max_diff(runner.run(numpy(inputs), name)["logits"], expected) < ATOL, name
 
 
 def test_cli_merged_gpt2(gpt2, tiny_gpt2_dir, capsys):
     model, adapters, work, paths = gpt2
-    main(["export", "--onnx", str(tiny_gpt2_dir), *paths, "--merged", "--weights", "0.5,2", "-o", str(work / "m")])
+    main(["export", "--onnx", str(tiny_gpt2_dir), *paths[:2], "--merged", "--weights", "0.5,2", "-o",
+          str(work / "m")])
     inputs = sample_inputs(tiny_models.VOCAB)
-    expected = torch_output(model, inputs, list(adapters.values()), [0.5, 2.0])
+    expected = torch_output(model, inputs, [adapters["lora"], adapters["bias"]], [0.5, 2.0])
     assert max_diff(Runner(work / "m").run(numpy(inputs))["logits"], expected) < ATOL
 
 

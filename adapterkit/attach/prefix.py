@@ -43,14 +43,20 @@ class PrefixKV(torch.nn.Module):
         return sum(key.shape[1] for key in self.prefix_key.values())
 
     def extend(self, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None):
-        """key/value [batch, kv_heads, n, head_dim] -> [batch, kv_heads, p+n, head_dim], and the mask to match."""
-        batch, p = key.shape[0], self.length
-        key = torch.cat([*(k.expand(batch, -1, -1, -1) for k in self.prefix_key.values()), key], dim=2)
-        value = torch.cat([*(v.expand(batch, -1, -1, -1) for v in self.prefix_value.values()), value], dim=2)
-        return key, value, _extend_mask(attention_mask, p)
+        return prepend(list(self.prefix_key.values()), list(self.prefix_value.values()), key, value, attention_mask)
 
 
-def _extend_mask(attention_mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
+def prepend(prefix_keys: list[torch.Tensor], prefix_values: list[torch.Tensor], key: torch.Tensor,
+            value: torch.Tensor, attention_mask: torch.Tensor | None):
+    """Put prefixes ([kv_heads, pᵢ, head_dim] each) in front of key/value ([batch, kv_heads, n, head_dim]), giving
+    [batch, kv_heads, p+n, head_dim] with p = Σpᵢ, and grow the mask to match."""
+    batch = key.shape[0]
+    key = torch.cat([*(k.expand(batch, -1, -1, -1) for k in prefix_keys), key], dim=2)
+    value = torch.cat([*(v.expand(batch, -1, -1, -1) for v in prefix_values), value], dim=2)
+    return key, value, extend_mask(attention_mask, sum(k.shape[1] for k in prefix_keys))
+
+
+def extend_mask(attention_mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
     """Let every query attend to the p prefix columns in front (no mask means everything is attended already)."""
     if attention_mask is None:
         return None
@@ -58,7 +64,7 @@ def _extend_mask(attention_mask: torch.Tensor | None, p: int) -> torch.Tensor | 
     return F.pad(attention_mask, (p, 0), value=allowed)
 
 
-def _causal_mask(q_length: int, kv_length: int, device) -> torch.Tensor:
+def causal_mask(q_length: int, kv_length: int, device) -> torch.Tensor:
     """Query i (the last q_length of kv_length positions) attends to keys 0..kv_length-q_length+i."""
     return torch.ones(q_length, kv_length, dtype=torch.bool, device=device).tril(kv_length - q_length)[None, None]
 
@@ -71,24 +77,21 @@ def _original_attention(module: torch.nn.Module, implementation: str):
 
 def _prefix_attention(implementation: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        prefix = getattr(module, "prefix", None)
-        if isinstance(prefix, PrefixKV):
+        prefix = getattr(module, "prefix", None)  # a PrefixKV, or anything with its extend() (the ONNX export's)
+        if callable(getattr(prefix, "extend", None)):
             causal = kwargs.get("is_causal")
             causal = getattr(module, "is_causal", False) if causal is None else causal
             if attention_mask is None and causal:  # sdpa's is_causal would align the triangle wrongly once p is added
-                attention_mask = _causal_mask(query.shape[2], key.shape[2], query.device)
+                attention_mask = causal_mask(query.shape[2], key.shape[2], query.device)
             key, value, attention_mask = prefix.extend(key, value, attention_mask)
         return _original_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
     return attention
 
 
-def _prefix_stores(handle) -> list[PrefixKV]:
-    """The prefix stores of this attach. The first call switches the model to the prefix-aware attention and shifts
-    positions by the prefix length (both undone on detach)."""
-    if "prefix_stores" in handle.shared:
-        return handle.shared["prefix_stores"]
-    model = handle.model
+def use_prefix_attention(model: torch.nn.Module) -> str:
+    """Switch a transformers model to the prefix-aware variant of its attention implementation (registered on first
+    use); returns the implementation it had. Attention modules without a ``prefix`` compute as before."""
     if not hasattr(model, "set_attn_implementation"):
         raise AdapterError(f"prefix adapters attach to transformers models, not {type(model).__name__}")
     original = model.config._attn_implementation
@@ -102,6 +105,16 @@ def _prefix_stores(handle) -> list[PrefixKV]:
         ALL_ATTENTION_FUNCTIONS.register(name, _prefix_attention(original))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     model.set_attn_implementation(name)
+    return original
+
+
+def _prefix_stores(handle) -> list[PrefixKV]:
+    """The prefix stores of this attach. The first call switches the model to the prefix-aware attention and shifts
+    positions by the prefix length (both undone on detach)."""
+    if "prefix_stores" in handle.shared:
+        return handle.shared["prefix_stores"]
+    model = handle.model
+    original = use_prefix_attention(model)
     handle.on_detach(lambda: model.set_attn_implementation(original))
     stores = handle.shared["prefix_stores"] = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: _shift_positions(stores, args, kwargs),
@@ -112,15 +125,20 @@ def _prefix_stores(handle) -> list[PrefixKV]:
 
 def _shift_positions(stores: list[PrefixKV], args, kwargs):
     """position_ids + p, as when PEFT feeds the prefix as past key/values (see the module docstring)."""
-    p = max(store.length for store in stores)
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
         cache = kwargs.get("past_key_values") or kwargs.get("cache")
         cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        position_ids = torch.arange(cached, cached + tokens.shape[1], device=tokens.device).unsqueeze(0)
-    return args, {**kwargs, "position_ids": position_ids + p}
+        position_ids = token_positions(tokens.shape[1], tokens.device, cached)
+    return args, {**kwargs, "position_ids": position_ids + max(store.length for store in stores)}
+
+
+def token_positions(length: int, device, cached: int = 0) -> torch.Tensor:
+    """[1, length] positions of new tokens after ``cached`` ones, before the prefix shift: what transformers uses
+    when no position_ids are given."""
+    return torch.arange(cached, cached + length, device=device).unsqueeze(0)
 
 
 def attach(handle, index: int, component, tensors, weight: float) -> None:

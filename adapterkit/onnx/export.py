@@ -48,9 +48,9 @@ class Exported:
     folder: Path
     merged: bool
     torch_model: ExportableModel
-    #: adapter name -> the slot tensors it feeds (unmerged only)
-    feeds: dict[str, dict[str, torch.Tensor]]
     description: dict
+    #: adapter name -> (adapter, weight), as exported
+    adapters: dict[str, tuple[Adapter, float]]
 
 
 def load_base(folder: str | os.PathLike) -> torch.nn.Module:
@@ -143,7 +143,7 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("exported %s (%s, %d adapters)", output, description["mode"], len(adapters))
-    return Exported(output, merged, torch_model, feeds, description)
+    return Exported(output, merged, torch_model, description, dict(zip(names, zip(adapters, weights))))
 
 
 def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | None) -> onnx.ModelProto:

@@ -5,9 +5,10 @@ returning ``logits`` (or ``last_hidden_state``). Before it calls the model it pu
 modules read them:
 
 - LoRA and BitFit: the base Linear / Conv1D is wrapped, computing base(x) + (x Aᵀ) Bᵀ + Δb (the scale is in B).
-- Prefix tuning: the model's attention function is swapped for one that prepends the layer's prefix keys and values
-  (expanded over the batch) and grows the attention mask by p columns that every query may attend (Li & Liang 2021).
-  Keys and values are plain tensors, not transformers caches, which the exporter handles badly.
+- Prefix tuning: the attention modules read their prefix keys and values from the slots through the same
+  prefix-aware attention function attach uses (:mod:`adapterkit.attach.prefix`: prepended, mask grown by p columns
+  every query may attend), and the tokens take positions p..p+n-1 (spec/SPEC.md §6.4). Keys and values are plain
+  tensors, not transformers caches, which the exporter handles badly.
 - ``full`` tensors: the base parameter is parametrized (torch.nn.utils.parametrize) to return the fed tensor.
 
 With each slot at its default (r = 0, p = 0, Δb = 0, base tensor) the module computes exactly the base model.
@@ -15,18 +16,14 @@ With each slot at its default (r = 0, p = 0, Δb = 0, base tensor) the module co
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
+from adapterkit.attach.prefix import prepend, token_positions, use_prefix_attention
 from adapterkit.errors import AdapterError
 from adapterkit.onnx.slots import module_of, role_of
-
-PREFIX_ATTENTION = "adapterkit_prefix"
-
 
 class SlotValues:
     """The slot tensors of the current call, shared by the slot modules (a plain object: torch.export copies dict
@@ -72,32 +69,20 @@ class FedTensor(nn.Module):
         return self.values[self.name]
 
 
-def prefix_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA attention with the module's prefix keys and values prepended (``module.prefix_slot`` names them)."""
-    slot = getattr(module, "prefix_slot", None)
-    if slot is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    values, name = slot
-    batch, q_len, k_len = key.shape[0], query.shape[2], key.shape[2]
-    prefix_key = values[f"{name}.prefix_key"].to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
-    prefix_value = values[f"{name}.prefix_value"].to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
-    p = prefix_key.shape[2]
-    if attention_mask is None and getattr(module, "is_causal", False):
-        # build the causal mask sdpa would have used (bottom-right aligned), so the prefix columns can go in front
-        rows = torch.arange(q_len, device=query.device)[:, None]
-        cols = torch.arange(k_len, device=query.device)[None, :]
-        attention_mask = (cols <= rows + (k_len - q_len))[None, None]
-    if attention_mask is not None:
-        attend = torch.ones if attention_mask.dtype == torch.bool else torch.zeros  # bool: True attends; float: +0
-        pad = attend((*attention_mask.shape[:-1], p), dtype=attention_mask.dtype, device=attention_mask.device)
-        attention_mask = torch.cat([pad, attention_mask], dim=-1)
-    kwargs["is_causal"] = False
-    return sdpa_attention_forward(module, query, torch.cat([prefix_key, key], dim=2),
-                                  torch.cat([prefix_value, value], dim=2), attention_mask, **kwargs)
+class SlotPrefix:
+    """The prefix keys and values of one attention module, read from the slots: what attach's
+    :class:`~adapterkit.attach.prefix.PrefixKV` is for attached adapters, seen by the same attention function."""
 
+    def __init__(self, values: SlotValues, module: str):
+        self.values, self.module = values, module
 
-AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
-AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
+    @property
+    def length(self):
+        return self.values[f"{self.module}.prefix_key"].shape[1]
+
+    def extend(self, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None):
+        return prepend([self.values[f"{self.module}.prefix_key"]], [self.values[f"{self.module}.prefix_value"]],
+                       key, value, attention_mask)
 
 
 def task_output(output) -> torch.Tensor:
@@ -123,6 +108,7 @@ class ExportableModel(nn.Module):
         self.slot_names = list(defaults)
         self.defaults = defaults
         self.values = SlotValues(defaults)
+        self.prefixes: list[SlotPrefix] = []
         self._install()
         self.train(model.training)  # the slot modules are new: give them the mode of the model
 
@@ -142,24 +128,26 @@ class ExportableModel(nn.Module):
                 parent, _, child = module_name.rpartition(".")
                 setattr(modules[parent] if parent else self.model, child, wrapped)
             if "prefix_key" in roles:
-                module.prefix_slot = (self.values, module_name)
+                module.prefix = SlotPrefix(self.values, module_name)
+                self.prefixes.append(module.prefix)
             for parameter in roles - {"lora_A", "lora_B", "bias_delta", "prefix_key", "prefix_value"}:
                 parametrize.register_parametrization(module, parameter,
                                                      FedTensor(self.values, f"{module_name}.{parameter}"))
-        if any(role_of(n) == "prefix_key" for n in self.slot_names):
-            self.model.set_attn_implementation(PREFIX_ATTENTION)
+        if self.prefixes:
+            use_prefix_attention(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *slots: torch.Tensor) -> torch.Tensor:
         self.values.update(zip(self.slot_names, slots))
         kwargs = {"use_cache": False} if "use_cache" in self.model.config.to_dict() else {}
+        if self.prefixes:  # tokens take positions p..p+n-1, as attach gives them (spec/SPEC.md §6.4)
+            p = functools.reduce(torch.sym_max, (prefix.length for prefix in self.prefixes))
+            kwargs["position_ids"] = token_positions(input_ids.shape[1], input_ids.device) + p
         return task_output(self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            feeds: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Eager forward with the slots of ``feeds`` filled and the others at their defaults."""
-        feeds = feeds or {}
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Eager forward with every slot at its default (no adapter, or the merged model)."""
         with torch.no_grad():
-            return self(input_ids, attention_mask, *(feeds.get(n, self.defaults[n]) for n in self.slot_names))
+            return self(input_ids, attention_mask, *(self.defaults[n] for n in self.slot_names))
 
 
 def slot_defaults(model: nn.Module, examples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
