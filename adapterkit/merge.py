@@ -49,18 +49,19 @@ def resolve_module(target: str, modules: set[str]) -> str | None:
 
 @dataclasses.dataclass
 class _Part:
-    """One component restricted to one target, with the tensors it needs: the unit whose deltas are computed."""
+    """One target of one component (its weight times the adapter's folded in): the unit whose delta is added."""
 
     component: Component
-    tensors: dict[str, dict[str, torch.Tensor]]
+    target: str
+    roles: dict[str, torch.Tensor]
 
 
 class MergePlan:
-    """Which base tensors the adapters change, resolved against the base's tensor names, computed lazily.
+    """Which base tensors the adapters change, resolved against the base's tensor names.
 
     ``names`` are the base's tensor names (checkpoint keys or parameter names). ``sign`` is +1 to merge, -1 to
-    unmerge. Deltas are computed per module when :meth:`apply` first meets one of its tensors, so memory stays at a
-    few tensors however large the model.
+    unmerge. Nothing is computed up front: :meth:`apply` adds the deltas to one base tensor when it meets it, so
+    memory stays at a few tensors however large the model.
     """
 
     def __init__(self, adapters: Sequence[Adapter], weights: Sequence[float] | None, names: Iterable[str],
@@ -68,8 +69,8 @@ class MergePlan:
         weights = _weights(adapters, weights)
         self.names = set(names)
         modules = {name.rpartition(".")[0] for name in self.names}
+        #: base tensor name -> the parts whose deltas land on it, until applied
         self._parts: dict[str, list[_Part]] = {}
-        self._pending: dict[str, torch.Tensor] = {}
         #: base tensor name -> tensor that replaces it (full components)
         self.replacements: dict[str, torch.Tensor] = {}
         #: tensors a full component adds where the base has none, by name
@@ -93,22 +94,25 @@ class MergePlan:
                 name = f"{module or target}.{parameter}"
                 (self.replacements if name in self.names else self.additions)[name] = tensor
             return
+        if kind.delta_parameter is None:
+            raise AdapterError(kind.unmergeable_reason(component))
+        weighted = dataclasses.replace(component, weight=component.weight * weight)
         for target in component.targets:
-            part = _Part(dataclasses.replace(component, targets=[target], weight=component.weight * weight),
-                         {target: tensors[target]})
-            if target == component.targets[0]:
-                next(iter(kind.weight_deltas(part.component, part.tensors)), None)  # a kind without deltas refuses here
             module = resolve_module(target, modules)
             if module is None:
                 raise AdapterError(f"component {component.name!r}: target {target!r} is not a module of the base")
-            self._parts.setdefault(module, []).append(part)
+            self._parts.setdefault(f"{module}.{kind.delta_parameter}", []).append(
+                _Part(weighted, target, tensors[target]))
 
     def touches(self, name: str) -> bool:
-        module = name.rpartition(".")[0]
-        return name in self.replacements or name in self._pending or module in self._parts
+        return name in self.replacements or name in self._parts
 
-    def apply(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The new value of base tensor ``name`` (given its current value), in ``dtype`` (default: its own)."""
+    def apply(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """The new value of base tensor ``name`` (given its current value), in ``dtype`` (default: its own).
+
+        Changed tensors are computed in float32, in ``out`` when given (a float32 tensor of the same shape that the
+        caller reuses, so that streaming a checkpoint allocates no new memory per tensor)."""
         dtype = dtype or tensor.dtype
         if name in self.replacements:  # a full tensor takes the base's place; deltas on the same tensor add to it
             replacement = self.replacements.pop(name)
@@ -116,28 +120,24 @@ class MergePlan:
                 raise AdapterError(f"{name}: the adapter's tensor is {list(replacement.shape)}, "
                                    f"the base's is {list(tensor.shape)}")
             tensor = replacement
-        self._compute_deltas(name.rpartition(".")[0])
-        delta = self._pending.pop(name, None)
-        if delta is None:
+        parts = self._parts.pop(name, ())
+        if not parts:
             return tensor if tensor.dtype == dtype or not tensor.is_floating_point() else tensor.to(dtype)
-        if delta.shape != tensor.shape:
-            raise AdapterError(f"{name}: the adapter's delta is {list(delta.shape)}, the base tensor is "
-                               f"{list(tensor.shape)}")
-        return delta.add_(tensor.float()).to(dtype)  # the delta is ours alone: add in place, saving a copy
-
-    def _compute_deltas(self, module: str) -> None:
-        for part in self._parts.pop(module, ()):
-            for _, parameter, delta in get_kind(part.component.kind).weight_deltas(part.component, part.tensors):
-                name = f"{module}.{parameter}"
-                self._pending[name] = self._pending[name] + delta if name in self._pending else delta
+        result = torch.empty(tensor.shape) if out is None else out
+        result.copy_(tensor)
+        for part in parts:
+            kind = get_kind(part.component.kind)
+            shape = kind.delta_shape(part.component, part.target, part.roles)
+            if list(shape) != list(tensor.shape):
+                raise AdapterError(f"{name}: the adapter's delta is {list(shape)}, the base tensor is "
+                                   f"{list(tensor.shape)}")
+            kind.add_delta(part.component, part.target, part.roles, result)
+        return result if dtype == torch.float32 else result.to(dtype)
 
     def check_done(self) -> None:
         """After every base tensor went through :meth:`apply`: refuse deltas that found no tensor to land on."""
-        for module in list(self._parts):
-            self._compute_deltas(module)
-        if self._pending:
-            name = sorted(self._pending)[0]
-            raise AdapterError(f"the adapter changes {name}, which the base does not have "
+        if self._parts:
+            raise AdapterError(f"the adapter changes {sorted(self._parts)[0]}, which the base does not have "
                                "(a bias on a module without one cannot be merged)")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -156,6 +157,7 @@ def _write_shards(checkpoint: Checkpoint, plan: MergePlan, out: Path, dtype: tor
         log.warning("%s is not in the base: added to %s", name, last_shard.name)
         layout[last_shard].append((name, dtype or tensor.dtype, list(tensor.shape)))
     total = sum(torch.Size(shape).numel() * d.itemsize for entries in layout.values() for _, d, shape in entries)
+    buffers = _WorkBuffers()
     with tqdm(total=total, unit="B", unit_scale=True, desc="merge" if sign > 0 else "unmerge") as progress:
         for shard, entries in layout.items():
             offsets = data_offsets(shard)
@@ -165,13 +167,31 @@ def _write_shards(checkpoint: Checkpoint, plan: MergePlan, out: Path, dtype: tor
                         writer.copy(name, shard, *offsets[name])  # unchanged: copied byte for byte
                     else:
                         tensor = plan.additions[name] if name not in checkpoint else checkpoint.get(name)
-                        writer.write(name, plan.apply(name, tensor, out_dtype))
+                        buffer = buffers.next(shape) if plan.touches(name) else None
+                        writer.write(name, plan.apply(name, tensor, out_dtype, out=buffer))
                     progress.update(torch.Size(shape).numel() * out_dtype.itemsize)
     plan.check_done()
     if checkpoint.is_folder and (checkpoint.path / INDEX_FILE).is_file():
         index = {"metadata": {"total_size": total},
                  "weight_map": {name: shard.name for shard, entries in layout.items() for name, _, _ in entries}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+class _WorkBuffers:
+    """Two float32 buffers that changed tensors are computed in, in turn: the writer thread writes one while the next
+    tensor is computed in the other. Safe because the writer has at most one write in flight (it finishes the
+    previous write before taking the next), and reusing memory spares a page fault per 4 KiB of every tensor."""
+
+    def __init__(self):
+        self._flat = [torch.empty(0), torch.empty(0)]
+        self._turn = 0
+
+    def next(self, shape: list[int]) -> torch.Tensor:
+        self._turn ^= 1
+        size = math.prod(shape)
+        if self._flat[self._turn].numel() < size:
+            self._flat[self._turn] = torch.empty(size)
+        return self._flat[self._turn][:size].view(shape)
 
 
 def _copy_other_files(source_dir: Path, out: Path, dtype: torch.dtype | None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -143,6 +144,7 @@ def run(kind: str, paths: dict) -> dict:
     output = OUT / f"out-{kind}"
     shutil.rmtree(output, ignore_errors=True)
     setup = "".join(f"{k} = {str(v)!r}\n" for k, v in {**paths, "OUTPUT": output}.items())
+    os.sync()  # start every run with no dirty pages of earlier runs still being written back
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", "import os; os.environ['TQDM_DISABLE'] = '1'\n" + setup
                              + CHILD[kind] + REPORT], capture_output=True, text=True)
@@ -160,12 +162,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="Rounds; the best wall time of each is shown.")
     parser.add_argument("--build", action="store_true", help="Only build the checkpoint and adapter.")
     args = parser.parse_args()
-    base, adapter, peft_folder = OUT / f"base-{args.layers}", OUT / "lora.safetensors", OUT / "lora-peft"
+    base, adapter, peft_folder = (OUT / f"base-{args.layers}", OUT / f"lora-{args.layers}.safetensors",
+                                  OUT / f"lora-peft-{args.layers}")
     if args.build:
-        build_base(base, args.layers)
+        if not base.exists():
+            build_base(base, args.layers)
         build_adapter(base, adapter, peft_folder, args.layers)
         return
-    if not base.exists():  # built in a child, so that this process stays small (children inherit its peak RSS)
+    if not adapter.exists():  # built in a child, so that this process stays small (children inherit its peak RSS)
         subprocess.run([sys.executable, __file__, "--build", "--layers", str(args.layers)], check=True)
     size = sum(f.stat().st_size for f in base.iterdir()) / 2**30
     paths = {"BASE": base, "ADAPTER": adapter, "PEFT": peft_folder}

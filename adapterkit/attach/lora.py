@@ -31,7 +31,8 @@ class LoRAWrapper(AdapterWrapper):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
         for key, a in self.lora_A.items():
-            out = out + self.low_rank(x, a, self.lora_B[key]) * self.scales[key]
+            # scaling the small factor B costs r·out multiplications; scaling the output would cost batch·tokens·out
+            out = out + self.low_rank(x, a, self.lora_B[key] * self.scales[key])
         return out
 
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,6 @@ base module's bias (a base module without a bias gets one that starts at zero)."
 
 from __future__ import annotations
 
-from typing import Iterator
-
 from adapterkit.errors import AdapterError
 from adapterkit.kinds import Kind
 
@@ -21,6 +19,10 @@ class BitFit(Kind):
                     f"component {component.name!r}, target {target!r}: bias must be 1-D, got {list(bias.shape)}"
                 )
 
-    def weight_deltas(self, component, tensors) -> Iterator:
-        for target in component.targets:
-            yield target, "bias", tensors[target]["bias"].float() * component.weight
+    delta_parameter = "bias"
+
+    def delta_shape(self, component, target, roles) -> list[int]:
+        return list(roles["bias"].shape)
+
+    def add_delta(self, component, target, roles, out) -> None:
+        out.add_(roles["bias"].float(), alpha=component.weight)

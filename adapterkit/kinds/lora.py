@@ -9,7 +9,7 @@ A target holds ``lora_A`` of shape [r, in] and ``lora_B`` of shape [out, r]; the
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 
@@ -46,12 +46,18 @@ class LoRA(Kind):
             if rank != a.shape[0]:
                 raise AdapterError(f"{where}: manifest says rank {rank} but lora_A is {list(a.shape)}")
 
-    def delta(self, component: Component, target: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """ΔW of one target in the base tensor's stored layout, float32, weighted."""
-        s = scale(a.shape[0], component.param(target, "alpha"), component.param(target, "scaling", "standard"))
-        delta = (b.float() * (s * component.weight)) @ a.float()  # scale the small factor: one pass over ΔW
-        return delta.T if component.param(target, "fan_in_fan_out", False) else delta
+    delta_parameter = "weight"
 
-    def weight_deltas(self, component, tensors) -> Iterator[tuple[str, str, torch.Tensor]]:
-        for target in component.targets:
-            yield target, "weight", self.delta(component, target, tensors[target]["lora_A"], tensors[target]["lora_B"])
+    def delta_shape(self, component, target, roles) -> list[int]:
+        shape = [roles["lora_B"].shape[0], roles["lora_A"].shape[1]]
+        return shape[::-1] if component.param(target, "fan_in_fan_out", False) else shape
+
+    def add_delta(self, component, target, roles, out) -> None:
+        """out += w·s·B·A (or its transpose), in one GEMM pass over ``out``: ΔW itself is never formed."""
+        s = scale(roles["lora_A"].shape[0], component.param(target, "alpha"),
+                  component.param(target, "scaling", "standard"))
+        a, b = roles["lora_A"].float(), roles["lora_B"].float()
+        if component.param(target, "fan_in_fan_out", False):
+            out.addmm_(a.T, b.T, alpha=s * component.weight)  # ΔWᵀ = s·Aᵀ·Bᵀ
+        else:
+            out.addmm_(b, a, alpha=s * component.weight)

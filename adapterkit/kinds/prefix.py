@@ -5,8 +5,6 @@ folded into a checkpoint."""
 
 from __future__ import annotations
 
-from typing import Iterator
-
 from adapterkit.errors import AdapterError
 from adapterkit.kinds import Kind
 
@@ -28,8 +26,7 @@ class Prefix(Kind):
             if key.shape[1] != length:
                 raise AdapterError(f"{where}: manifest says prefix_length {length} but prefix_key is {list(key.shape)}")
 
-    def weight_deltas(self, component, tensors) -> Iterator:
-        raise AdapterError(
-            f"component {component.name!r} is a prefix: it adds key/value vectors, not weight deltas, so it cannot be "
-            "merged into a checkpoint; attach it (adapterkit.attach) or export it (adapterkit export --onnx --unmerged)"
-        )
+    def unmergeable_reason(self, component) -> str:
+        return (f"component {component.name!r} is a prefix: it adds key/value vectors, not weight deltas, so it cannot "
+                "be merged into a checkpoint; attach it (adapterkit.attach) or export it "
+                "(adapterkit export --onnx --unmerged)")
