@@ -119,3 +119,21 @@ def test_errors_are_one_line(tmp_path, args, expected):
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 1, output
     assert len(output.splitlines()) == 1 and expected in output and "Traceback" not in output
+
+
+def test_help_lists_every_command_without_importing_torch():
+    """``adapterkit --help`` answers at once: it names every command but imports none of them (nor torch)."""
+    import subprocess
+    import sys
+
+    import click
+
+    from adapterkit.cli import COMMANDS, cli
+
+    script = ("import sys\nfrom adapterkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    printed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert printed.strip().endswith("torch not imported")
+    assert all(name in printed for name in COMMANDS)
+    for name in COMMANDS:  # and each listed command exists
+        assert isinstance(cli.get_command(None, name), click.Command), name

@@ -7,7 +7,6 @@ Commands live one module per family in this package and are imported only when u
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -18,39 +17,40 @@ import click
 from adapterkit import __version__
 from adapterkit.errors import AdapterError
 
-#: command name -> "module:function" (modules under adapterkit.cli)
+#: command name -> ("module:function" under adapterkit.cli, the summary ``adapterkit --help`` shows)
 COMMANDS = {
-    "inspect": "files:inspect",
-    "validate": "files:validate",
-    "fingerprint": "files:fingerprint_command",
-    "convert": "convert:convert",
-    "train": "train:train",
-    "evaluate": "train:evaluate",
-    "compare": "train:compare",
-    "compose": "compose:compose",
-    "merge": "merge:merge",
-    "unmerge": "merge:unmerge",
-    "export": "export:export",
-    "push": "hub:push",
-    "pull": "hub:pull",
-    "example": "example:example",
+    "inspect": ("files:inspect", "Show what an adapter file (or merged / ONNX folder) holds."),
+    "validate": ("files:validate", "Check adapter files against the format spec."),
+    "fingerprint": ("files:fingerprint_command", "Print the fingerprint of a base model."),
+    "convert": ("convert:convert", "Convert adapters to and from PEFT and ONNX Runtime adapter files."),
+    "train": ("train:train", "Train a LoRA, BitFit or prefix adapter on a base model."),
+    "evaluate": ("train:evaluate", "Loss (and accuracy) of a base model with adapters on a data set."),
+    "compare": ("train:compare", "Train each method under one budget and compare them."),
+    "compose": ("compose:compose", "Combine adapters: weighted LoRA sums, SVD, TIES, DARE, mixed kinds."),
+    "merge": ("merge:merge", "Fold adapters into a base checkpoint, streamed shard by shard."),
+    "unmerge": ("merge:unmerge", "Subtract merged adapters from a checkpoint again."),
+    "export": ("export:export", "Export a base model with adapters to ONNX, merged or swappable."),
+    "push": ("hub:push", "Upload an adapter with a model card to the Hugging Face Hub."),
+    "pull": ("hub:pull", "Download an adapter from the Hub and verify it."),
+    "example": ("example:example", "Write the tiny built-in example: base models and data."),
 }
 
 
 class LazyGroup(click.Group):
-    def list_commands(self, ctx):
-        return [name for name in COMMANDS if importlib.util.find_spec(self._module(name)) is not None]
+    """Imports a command's module only when that command runs, so ``adapterkit --help`` does not import torch."""
 
-    @staticmethod
-    def _module(name: str) -> str:
-        return f"adapterkit.cli.{COMMANDS[name].split(':')[0]}"
+    def list_commands(self, ctx):
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        if importlib.util.find_spec(self._module(name)) is None:
-            return None
-        return getattr(importlib.import_module(self._module(name)), COMMANDS[name].split(":")[1])
+        module, function = COMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(f"adapterkit.cli.{module}"), function)
+
+    def format_commands(self, ctx, formatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, summary) for name, (_, summary) in COMMANDS.items()])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
