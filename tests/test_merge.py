@@ -206,3 +206,19 @@ def test_cli_refuses_other_base_unless_forced_and_refuses_prefix(tiny_llama_dir,
 
     unmerge = run_cli("unmerge", tmp_path / "out", tmp_path / "prefix.safetensors", "-o", tmp_path / "u")
     assert unmerge.returncode == 1 and RECORD_FILE in unmerge.stderr
+
+
+def test_deltas_that_fit_no_base_tensor_are_refused_and_nothing_is_written(tiny_llama_dir, tmp_path):
+    """Llama's projections have no bias, so a BitFit delta on one has nowhere to land; a LoRA whose shapes belong to
+    another module does not fit. Both are refused by name, and no output folder (or temporary one) is left."""
+    bias = Adapter(Manifest([Component("b", "bitfit", ["model.layers.0.self_attn.q_proj"])]),
+                   {tensor_name("b", "model.layers.0.self_attn.q_proj", "bias"): torch.ones(32)})
+    with pytest.raises(AdapterError, match="changes model.layers.0.self_attn.q_proj.bias, which the base does not"):
+        merge_checkpoint(tiny_llama_dir, [bias], tmp_path / "bias")
+    lora = tiny_models.random_lora(tiny_models.llama(), ["model.layers.0.mlp.down_proj"])
+    lora.manifest.components[0].targets = ["model.layers.0.mlp.up_proj"]
+    lora.tensors = {k.replace("down_proj", "up_proj"): v for k, v in lora.tensors.items()}
+    with pytest.raises(AdapterError, match=r"up_proj.weight: the adapter's delta is \[32, 64\], the base tensor is "
+                                           r"\[64, 32\]"):
+        merge_checkpoint(tiny_llama_dir, [lora], tmp_path / "lora", force=True)
+    assert list(tmp_path.iterdir()) == []

@@ -53,10 +53,10 @@ def prepend(prefix_keys: list[torch.Tensor], prefix_values: list[torch.Tensor], 
     batch = key.shape[0]
     key = torch.cat([*(k.expand(batch, -1, -1, -1) for k in prefix_keys), key], dim=2)
     value = torch.cat([*(v.expand(batch, -1, -1, -1) for v in prefix_values), value], dim=2)
-    return key, value, extend_mask(attention_mask, sum(k.shape[1] for k in prefix_keys))
+    return key, value, _extend_mask(attention_mask, sum(k.shape[1] for k in prefix_keys))
 
 
-def extend_mask(attention_mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
+def _extend_mask(attention_mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
     """Let every query attend to the p prefix columns in front (no mask means everything is attended already)."""
     if attention_mask is None:
         return None
@@ -64,7 +64,7 @@ def extend_mask(attention_mask: torch.Tensor | None, p: int) -> torch.Tensor | N
     return F.pad(attention_mask, (p, 0), value=allowed)
 
 
-def causal_mask(q_length: int, kv_length: int, device) -> torch.Tensor:
+def _causal_mask(q_length: int, kv_length: int, device) -> torch.Tensor:
     """Query i (the last q_length of kv_length positions) attends to keys 0..kv_length-q_length+i."""
     return torch.ones(q_length, kv_length, dtype=torch.bool, device=device).tril(kv_length - q_length)[None, None]
 
@@ -82,7 +82,7 @@ def _prefix_attention(implementation: str):
             causal = kwargs.get("is_causal")
             causal = getattr(module, "is_causal", False) if causal is None else causal
             if attention_mask is None and causal:  # sdpa's is_causal would align the triangle wrongly once p is added
-                attention_mask = causal_mask(query.shape[2], key.shape[2], query.device)
+                attention_mask = _causal_mask(query.shape[2], key.shape[2], query.device)
             key, value, attention_mask = prefix.extend(key, value, attention_mask)
         return _original_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
