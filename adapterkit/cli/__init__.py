@@ -68,7 +68,7 @@ def _quiet_dependencies() -> None:
     module (and so transformers) is imported."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets its loggers' levels on import, from this variable
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

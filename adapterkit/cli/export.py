@@ -39,7 +39,7 @@ def export(base, adapters, mode, output, weights, opset, verify, atol, force, ov
     exported = export_onnx(base, load_adapters(adapters), output, merged=mode == "merged",
                            names=adapter_names(adapters), weights=parse_weights(weights, len(adapters)),
                            opset=opset, force=force, overwrite=overwrite)
-    click.echo(f"wrote {exported.folder} ({mode}, {len(adapters)} adapters)")
+    click.echo(f"wrote {exported.folder} ({mode}, {len(adapters)} adapter{'' if len(adapters) == 1 else 's'})")
     if verify:
         from adapterkit.onnx.verify import verify as run_checks
 
