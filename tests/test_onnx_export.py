@@ -181,6 +181,18 @@ def test_llama_merged(tiny_llama_dir, llama, tmp_path):
     assert max_diff(Runner(tmp_path).run(numpy(inputs))["logits"], expected) < ATOL
 
 
+def test_llama_lora_on_the_embedding_unmerged(tiny_llama_dir, llama, tmp_path):
+    """Token ids pick columns of A: a LoRA on embed_tokens (stored [vocab, hidden], so fan_in_fan_out) is a slot too."""
+    model = llama[0]
+    embedding = tiny_models.random_lora(model, ["model.embed_tokens"], fan_in_fan_out=True, seed=11, name="emb")
+    export_onnx(tiny_llama_dir, [embedding], tmp_path, merged=False, names=["emb"])
+    runner, inputs = Runner(tmp_path), sample_inputs(tiny_models.VOCAB)
+    expected = torch_output(model, inputs, [embedding])
+    assert max_diff(expected, torch_output(model, inputs)) > 100 * ATOL
+    assert max_diff(runner.run(numpy(inputs), "emb")["logits"], expected) < ATOL
+    assert max_diff(runner.run(numpy(inputs))["logits"], torch_output(model, inputs)) < ATOL
+
+
 def test_onnx_adapter_converter_feeds_the_graph(llama, tmp_path):
     """``adapterkit convert --to onnx-adapter`` writes the tensors the graph takes: A as is, B times s = α/r."""
     from adapterkit.converters import onnx_adapter

@@ -36,12 +36,23 @@ class LoRAWrapper(AdapterWrapper):
         return out
 
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, a), b)
+        return linear_low_rank(x, a, b)
 
 
 class LoRAEmbeddingWrapper(LoRAWrapper):
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.embedding(x, a.T, padding_idx=self.base.padding_idx) @ b.T
+        return embedding_low_rank(x, a, b, self.base.padding_idx)
+
+
+def linear_low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(x Aᵀ) Bᵀ: the LoRA path of a Linear or Conv1D, never forming B·A."""
+    return F.linear(F.linear(x, a), b)
+
+
+def embedding_low_rank(ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, padding_idx: int | None = None
+                       ) -> torch.Tensor:
+    """The LoRA path of an embedding: each token id picks its column of A ([r, vocab]), then Bᵀ."""
+    return F.embedding(ids, a.T, padding_idx=padding_idx) @ b.T
 
 
 def _features(module: torch.nn.Module) -> tuple[type[LoRAWrapper], int, int]:

@@ -4,7 +4,8 @@
 returning ``logits`` (or ``last_hidden_state``). Before it calls the model it puts the slot tensors where the slot
 modules read them:
 
-- LoRA and BitFit: the base Linear / Conv1D is wrapped, computing base(x) + (x Aᵀ) Bᵀ + Δb (the scale is in B).
+- LoRA and BitFit: the base Linear / Conv1D (for LoRA also Embedding) is wrapped, computing base(x) + Δb + attach's
+  LoRA path, (x Aᵀ) Bᵀ with the scale folded into B.
 - Prefix tuning: the attention modules read their prefix keys and values from the slots through the same
   prefix-aware attention function attach uses (:mod:`adapterkit.attach.prefix`: prepended, mask grown by p columns
   every query may attend), and the tokens take positions p..p+n-1 (spec/SPEC.md §6.4). Keys and values are plain
@@ -21,6 +22,7 @@ import functools
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from adapterkit.attach.lora import embedding_low_rank, linear_low_rank
 from adapterkit.attach.prefix import prepend, token_positions, use_prefix_attention
 from adapterkit.errors import AdapterError
 from adapterkit.onnx.slots import module_of, role_of
@@ -40,19 +42,20 @@ class SlotValues:
 
 
 class SlotModule(nn.Module):
-    """A base Linear or Conv1D plus a LoRA slot and/or a BitFit slot, read from the shared ``values``."""
+    """A base Linear, Conv1D or Embedding plus a LoRA slot and/or a BitFit slot (not on an Embedding, which has no
+    bias), read from the shared ``values``; the LoRA path is attach's (:mod:`adapterkit.attach.lora`)."""
 
     def __init__(self, base: nn.Module, values: SlotValues, lora: str | None, bias: str | None):
         super().__init__()
         self.base = base
         self.values = values
         self.lora, self.bias = lora, bias
+        self.low_rank = embedding_low_rank if isinstance(base, nn.Embedding) else linear_low_rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.lora is not None:
-            a, b = self.values[f"{self.lora}.lora_A"], self.values[f"{self.lora}.lora_B"]
-            y = y + (x @ a.T) @ b.T
+            y = y + self.low_rank(x, self.values[f"{self.lora}.lora_A"], self.values[f"{self.lora}.lora_B"])
         if self.bias is not None:
             y = y + self.values[f"{self.bias}.bias_delta"]
         return y
@@ -120,9 +123,13 @@ class ExportableModel(nn.Module):
         for module_name, roles in by_module.items():
             module = modules[module_name]
             if {"lora_A", "bias_delta"} & roles:
-                if not hasattr(module, "weight") or module.weight.ndim != 2 or isinstance(module, nn.Embedding):
-                    raise AdapterError(f"{module_name} is a {type(module).__name__}: only Linear-like modules take "
-                                       "LoRA or BitFit slots in an ONNX export")
+                linear_like = hasattr(module, "weight") and module.weight.ndim == 2
+                if "lora_A" in roles and not linear_like:
+                    raise AdapterError(f"{module_name} is a {type(module).__name__}: only Linear, Conv1D and "
+                                       "Embedding modules take LoRA slots in an ONNX export")
+                if "bias_delta" in roles and (not linear_like or isinstance(module, nn.Embedding)):
+                    raise AdapterError(f"{module_name} is a {type(module).__name__}: only Linear and Conv1D "
+                                       "modules take BitFit slots in an ONNX export")
                 wrapped = SlotModule(module, self.values, module_name if "lora_A" in roles else None,
                                      module_name if "bias_delta" in roles else None)
                 parent, _, child = module_name.rpartition(".")
