@@ -139,7 +139,8 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
         loader = DataLoader(range(len(examples)), batch_size=config.batch_size // procs.world_size, sampler=sampler,
                             collate_fn=Collator(examples, loaded.tokenizer), drop_last=True)
         if len(loader) == 0:
-            raise AdapterError(f"{config.data}: {len(examples)} examples make no batch of {config.batch_size}")
+            raise AdapterError(f"{config.data}: {len(examples)} examples make no batch of {config.batch_size}: "
+                               "pass a smaller --batch-size")
         total_steps = config.steps or config.epochs * len(loader)
         epochs = math.ceil(total_steps / len(loader))
         main = procs.rank == 0
