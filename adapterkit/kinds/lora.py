@@ -17,6 +17,7 @@ from adapterkit.errors import AdapterError
 from adapterkit.kinds import Kind
 from adapterkit.manifest import Component
 
+
 def scale(rank: int, alpha: float, scaling: str = "standard") -> float:
     """s = α/r, or α/√r for rsLoRA."""
     if scaling == "rslora":
