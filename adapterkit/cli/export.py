@@ -50,4 +50,4 @@ def export(base, adapters, mode, output, weights, opset, verify, atol, force, ov
         failed = [c for c in checks if not c.passed]
         if failed:
             raise AdapterError(f"verification failed: {len(failed)} of {len(checks)} checks above atol {atol:g}")
-        click.echo(f"verified: all {len(checks)} checks within atol {atol:g}")
+        click.echo(f"verified: {'1 check' if len(checks) == 1 else f'all {len(checks)} checks'} within atol {atol:g}")
