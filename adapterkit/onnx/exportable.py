@@ -22,10 +22,12 @@ import functools
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
 from adapterkit.attach.lora import embedding_low_rank, linear_low_rank
 from adapterkit.attach.prefix import prepend, token_positions, use_prefix_attention
 from adapterkit.errors import AdapterError
 from adapterkit.onnx.slots import module_of, role_of
+
 
 class SlotValues:
     """The slot tensors of the current call, shared by the slot modules (a plain object: torch.export copies dict
