@@ -16,8 +16,8 @@ _EXPORTS = {
     "Component": "adapterkit.manifest",
     "Manifest": "adapterkit.manifest",
     "fingerprint": "adapterkit.fingerprint",
-    "load": "adapterkit.fileformat",
-    "save": "adapterkit.fileformat",
+    "load": "adapterkit.io.adapter_file",
+    "save": "adapterkit.io.adapter_file",
 }
 __all__ = sorted(_EXPORTS)
 

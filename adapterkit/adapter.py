@@ -1,7 +1,8 @@
-"""The Adapter value: a manifest and named tensors. Plain data, no ``torch.nn``.
+"""The Adapter value: a manifest and named tensors. Plain data: numpy arrays, no framework.
 
 Tensor names are ``<component>.<target>.<role>``: the component name has no dots, the role is the last dot-separated
-part, and the target (a module path of the base model, which has dots) is everything between.
+part, and the target (a module path of the base model, which has dots) is everything between. Tensors given as torch
+tensors are turned into numpy arrays (see :mod:`adapterkit.arrays`); use :func:`adapterkit.arrays.to_torch` to run them.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
-from adapterkit.errors import AdapterError
+from adapterkit.arrays import DIGEST_NAMES, as_array
+from adapterkit.errors import FormatError
 from adapterkit.manifest import Component, Manifest
 
 
@@ -24,14 +26,17 @@ def split_tensor_name(name: str) -> tuple[str, str, str]:
     component, _, rest = name.partition(".")
     target, _, role = rest.rpartition(".")
     if not component or not target or not role:
-        raise AdapterError(f"tensor name {name!r} is not <component>.<target>.<role>")
+        raise FormatError(f"tensor name {name!r} is not <component>.<target>.<role>")
     return component, target, role
 
 
 @dataclass
 class Adapter:
     manifest: Manifest
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tensors = {name: as_array(tensor) for name, tensor in self.tensors.items()}
 
     @property
     def components(self) -> list[Component]:
@@ -40,9 +45,9 @@ class Adapter:
     def component(self, name: str) -> Component:
         return self.manifest.component(name)
 
-    def component_tensors(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
+    def component_tensors(self, name: str) -> dict[str, dict[str, np.ndarray]]:
         """``{target: {role: tensor}}`` for one component."""
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        grouped: dict[str, dict[str, np.ndarray]] = {}
         for tensor_key, tensor in self.tensors.items():
             component, target, role = split_tensor_name(tensor_key)
             if component == name:
@@ -50,23 +55,24 @@ class Adapter:
         return grouped
 
     def parameter_count(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
+        return sum(int(t.size) for t in self.tensors.values())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(int(t.nbytes) for t in self.tensors.values())
 
     def content_sha256(self) -> str:
         """sha256 of the content (manifest, then each tensor's name, dtype, shape and bytes in name order): the same
         for a file and the value loaded from it, whatever the byte layout of the file."""
         digest = hashlib.sha256(self.manifest.dumps().encode())
         for key in sorted(self.tensors):
-            tensor = self.tensors[key].detach().contiguous()
-            digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
-            digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+            tensor = np.ascontiguousarray(self.tensors[key])
+            dtype = DIGEST_NAMES.get(tensor.dtype, str(tensor.dtype))
+            digest.update(f"{key}:{dtype}:{list(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(np.uint8).tobytes())
         return digest.hexdigest()
 
     def validate(self) -> None:
-        """Raise AdapterError if tensors and manifest disagree (the rules of spec/SPEC.md §5)."""
+        """Raise FormatError if tensors and manifest disagree (the rules of spec/SPEC.md §5-§6)."""
         from adapterkit.validation import check_adapter
 
         check_adapter(self.manifest, self.tensors)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from adapterkit.io.outputs import output
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 ISSUES = ["order", "refund", "invoice", "password", "delivery", "account", "subscription", "package"]
@@ -109,31 +111,26 @@ def tiny_bert(vocab_size: int, pad_token_id: int):
     return BertModel(config)
 
 
-def build_example(out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write the example into ``out_dir`` (created if missing) and return ``{name: path}`` of what it wrote."""
+def build_example(out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
+    """Write the example into ``out_dir`` (through the output discipline: all at once, or nothing) and return
+    ``{name: path}`` of what it wrote."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     formal, casual, sentiment = support_replies(FORMAL), support_replies(CASUAL), reviews()
     held_out = len(sentiment) // 4
-    paths = {
-        "support_formal": out / "support_formal.jsonl",
-        "support_casual": out / "support_casual.jsonl",
-        "sentiment_train": out / "sentiment_train.jsonl",
-        "sentiment_eval": out / "sentiment_eval.jsonl",
-        "llama": out / "llama",
-        "bert": out / "bert",
-    }
-    write_jsonl(paths["support_formal"], formal)
-    write_jsonl(paths["support_casual"], casual)
-    write_jsonl(paths["sentiment_train"], sentiment[held_out:])
-    write_jsonl(paths["sentiment_eval"], sentiment[:held_out])
-
-    for name, texts, classifier, build in (
-        ("llama", [r["text"] for r in formal + casual], False, tiny_llama),
-        ("bert", [r["text"] for r in sentiment], True, tiny_bert),
-    ):
-        tokenizer = word_tokenizer(texts, classifier)
-        model = build(len(tokenizer), tokenizer.pad_token_id)
-        model.save_pretrained(paths[name])
-        tokenizer.save_pretrained(paths[name])
-    return paths
+    files = {"support_formal": "support_formal.jsonl", "support_casual": "support_casual.jsonl",
+             "sentiment_train": "sentiment_train.jsonl", "sentiment_eval": "sentiment_eval.jsonl",
+             "llama": "llama", "bert": "bert"}
+    with output(out, folder=True, overwrite=overwrite, owned=[files["support_formal"]]) as folder:
+        write_jsonl(folder / files["support_formal"], formal)
+        write_jsonl(folder / files["support_casual"], casual)
+        write_jsonl(folder / files["sentiment_train"], sentiment[held_out:])
+        write_jsonl(folder / files["sentiment_eval"], sentiment[:held_out])
+        for name, texts, classifier, build in (
+            ("llama", [r["text"] for r in formal + casual], False, tiny_llama),
+            ("bert", [r["text"] for r in sentiment], True, tiny_bert),
+        ):
+            tokenizer = word_tokenizer(texts, classifier)
+            model = build(len(tokenizer), tokenizer.pad_token_id)
+            model.save_pretrained(folder / files[name])
+            tokenizer.save_pretrained(folder / files[name])
+    return {name: out / file for name, file in files.items()}

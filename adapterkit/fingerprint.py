@@ -3,7 +3,8 @@ was trained on, computed the same way from a model folder, a single or sharded c
 
 Algorithm ``fp1``:
 1. Take every floating-point tensor of the base with at least two dimensions (weight matrices and embeddings); for a
-   module, its deduplicated parameters (tied weights count once), never its buffers. Leave out excluded tensors.
+   module, its deduplicated parameters (tied weights count once), never its buffers nor the parameters of attached
+   adapters. Leave out excluded tensors.
 2. For each, a record: its shape as ``AxBxC``, a colon, and the sha256 (hex) of a content sample: the first and last
    slices along dimension 0 (``t[0]`` and ``t[-1]``), flattened, concatenated, converted to float32 and rounded to
    bfloat16 (round to nearest even), as little-endian 2-byte values.
@@ -13,6 +14,8 @@ Names are left out on purpose: the same weights are named ``encoder.layer.0...``
 ``bert.encoder.layer.0...`` inside ``BertForSequenceClassification``. Shapes and content still tell bases apart,
 including two bases of one architecture. Rounding to bfloat16 makes a float32 or bfloat16 load of the same checkpoint
 agree; loading in a lower precision than the checkpoint's (float16 from float32) can change the value.
+
+A folder or file is fingerprinted with numpy alone; a module needs torch (it is one).
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import logging
 import os
 from typing import Iterable, Iterator
 
-import torch
+import ml_dtypes
+import numpy as np
 
-from adapterkit.checkpoint import Checkpoint
-from adapterkit.errors import AdapterError
+from adapterkit.arrays import FLOAT_NAMES, as_array
+from adapterkit.errors import BaseMismatchError
+from adapterkit.io.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
-
-FLOATING = {"F16", "BF16", "F32", "F64"}
 
 
 def fingerprint(base, exclude: Iterable[str] = ()) -> str:
@@ -47,50 +50,52 @@ def _is_excluded(name: str, excluded: tuple[str, ...]) -> bool:
     return any(name == e or name.startswith(e + ".") for e in excluded)
 
 
-def _samples(base, excluded) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    if isinstance(base, torch.nn.Module):
+def _samples(base, excluded) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+    if not isinstance(base, (str, os.PathLike)):  # a torch module
+        from adapterkit.attach import is_adapter_parameter
+
         for name, parameter in base.named_parameters():
-            if parameter.is_floating_point() and parameter.ndim >= 2 and not _is_excluded(name, excluded):
-                yield list(parameter.shape), parameter.detach()[0], parameter.detach()[-1]
+            if (parameter.is_floating_point() and parameter.ndim >= 2 and not _is_excluded(name, excluded)
+                    and not is_adapter_parameter(parameter)):
+                yield list(parameter.shape), as_array(parameter[0]), as_array(parameter[-1])
         return
     with Checkpoint(os.fspath(base)) as checkpoint:
         for name in checkpoint.names():
             if _is_excluded(name, excluded):
                 continue
-            view = checkpoint.slice(name)
-            shape = list(view.get_shape())
-            if view.get_dtype() in FLOATING and len(shape) >= 2:
-                yield shape, view[0:1][0], view[shape[0] - 1 : shape[0]][0]
+            entry = checkpoint.entry(name)
+            if entry.dtype in FLOAT_NAMES and len(entry.shape) >= 2 and entry.shape[0] > 0:
+                tensor = checkpoint.get(name)
+                yield list(entry.shape), tensor[0], tensor[-1]
 
 
-def _record(shape: list[int], first: torch.Tensor, last: torch.Tensor) -> str:
-    sample = torch.cat([first.reshape(-1), last.reshape(-1)]).to(torch.float32).to(torch.bfloat16)
-    digest = hashlib.sha256(sample.view(torch.int16).numpy().astype("<i2").tobytes()).hexdigest()
+def _record(shape: list[int], first: np.ndarray, last: np.ndarray) -> str:
+    sample = np.concatenate([first.reshape(-1), last.reshape(-1)]).astype(np.float32).astype(ml_dtypes.bfloat16)
+    digest = hashlib.sha256(sample.view("<i2").tobytes()).hexdigest()
     return f"{'x'.join(map(str, shape))}:{digest}"
 
 
-def full_targets(adapter) -> list[str]:
-    """Targets whose tensors an adapter's ``full`` components bring whole (a task head): not part of its base."""
-    return [t for c in adapter.components if c.kind == "full" for t in c.targets]
+def replaced_targets(adapter) -> list[str]:
+    """Targets whose tensors an adapter brings whole (a task head): not part of the base it belongs to."""
+    from adapterkit.kinds import get_kind
+
+    return [t for c in adapter.components for t in get_kind(c.kind).replaced_targets(c)]
 
 
-def check_base(adapter, base, where: str, force: bool = False, replaced: Iterable[str] | None = None,
-               also_exclude: Iterable[str] = ()) -> None:
+def check_base(adapter, base, where: str, force: bool = False, replaced: Iterable[str] | None = None) -> None:
     """Refuse ``adapter`` on ``base`` (a module or checkpoint path) when its recorded base fingerprint differs, unless
-    ``force``. ``replaced`` names the base tensors its full components replace (default: their targets as written);
-    they are left out, and a fingerprint that includes them is accepted too. ``also_exclude`` names tensors that are
-    not the base's own (adapters attached earlier)."""
+    ``force``. ``replaced`` names the base tensors its components replace whole (default: their targets as
+    written); they are left out, and a fingerprint that includes them is accepted too."""
     expected = adapter.manifest.base_model.fingerprint
     if expected is None:
         log.warning("%s records no base fingerprint: cannot check that it belongs to this base", where)
         return
-    replaced = list(full_targets(adapter) if replaced is None else replaced)
-    also_exclude = list(also_exclude)
-    actual = fingerprint(base, exclude=replaced + also_exclude)
-    if actual == expected or (replaced and expected == fingerprint(base, exclude=also_exclude)):
+    replaced = list(replaced_targets(adapter) if replaced is None else replaced)
+    actual = fingerprint(base, exclude=replaced)
+    if actual == expected or (replaced and expected == fingerprint(base)):
         return
     if force:
         log.warning("%s was made for base %s but this base is %s; going on anyway (force)", where, expected, actual)
         return
-    raise AdapterError(f"{where} was made for another base model (fingerprint {expected}, this base is {actual}); "
-                       "pass --force (force=True) to use it anyway")
+    raise BaseMismatchError(f"{where} was made for another base model (fingerprint {expected}, this base is "
+                            f"{actual}); pass --force (force=True) to use it anyway")

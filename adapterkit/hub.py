@@ -39,11 +39,11 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from adapterkit.converters import peft as peft_format
 from adapterkit.errors import AdapterError
-from adapterkit.fileformat import load, write_atomically
+from adapterkit.io.adapter_file import load
+from adapterkit.io.digest import sha256_of
+from adapterkit.io.outputs import write_file_atomically
 from adapterkit.model_card import model_card
-from adapterkit.summary import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ def push(path: str | os.PathLike, repo_id: str, *, revision: str | None = None, 
 
 def _peft_files(adapter, folder: str) -> list[CommitOperationAdd]:
     """The adapter written by the PEFT converter, as commit operations for each file it wrote."""
+    from adapterkit.converters import peft as peft_format
+
     peft_format.write(adapter, folder)
     return [CommitOperationAdd(name, os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
 
@@ -172,7 +174,7 @@ def pull(repo_id: str, output: str | os.PathLike | None = None, *, revision: str
     output = Path(output if output is not None else f"{repo_id.split('/')[-1]}.safetensors")
     if output.is_dir():
         output = output / fetched.filename
-    write_atomically(output, lambda tmp: shutil.copyfile(fetched.path, tmp))
+    write_file_atomically(output, lambda tmp: shutil.copyfile(fetched.path, tmp), inputs=[fetched.path])
     return fetched, output
 
 

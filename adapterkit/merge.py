@@ -1,13 +1,14 @@
 """Fold adapters into a base model's weights, and take them out again.
 
-Merging adds each component's weight deltas (W ← W + ΔW for LoRA, b ← b + Δb for BitFit) and puts the whole tensors
-of a ``full`` component in place of the base's. Unmerging subtracts the same deltas. The per-kind math lives in
-:mod:`adapterkit.kinds`; this module only decides *which* base tensor each delta lands on (:class:`MergePlan`) and
-applies it, in float32, to a model in memory (:func:`merge_into_model`). :mod:`adapterkit.merge_checkpoint` applies
-the same plan to a checkpoint on disk, shard by shard.
+Merging applies each component's weight math to the base tensors it changes, in float32 — for LoRA W ← W + w·s·B·A,
+for BitFit b ← b + w·Δb, each kind's :meth:`~adapterkit.kinds.runtime.Runtime.merge` — and puts the whole tensors of
+a kind that replaces (``full``) in place of the base's. Unmerging applies each kind's inverse, last first. This module
+only decides *which* base tensor each target lands on (:class:`MergePlan`) and applies it to a model in memory
+(:func:`merge_into_model`); :mod:`adapterkit.merge_checkpoint` applies the same plan to a checkpoint on disk.
 
-Several adapters with weights w₁…wₙ: each adapter's deltas are multiplied by its weight and added, which is exactly
-what composing them first would give (Σ wᵢ ΔWᵢ, no approximation).
+Several adapters with weights w₁…wₙ: for kinds that add, the result is exactly what composing them first would give
+(Σ wᵢ ΔWᵢ, no approximation). Every changed tensor is checked finite before it is used; a weight or alpha so large
+that the result overflows is refused, naming the tensor.
 
 A ``full`` component cannot be unmerged: the base tensors it replaced are gone from the merged weights, so unmerging
 one is refused (merge again from the base instead).
@@ -17,92 +18,86 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from adapterkit.adapter import Adapter
-from adapterkit.errors import AdapterError
+from adapterkit.arrays import to_torch
+from adapterkit.errors import RequestError
 from adapterkit.fingerprint import check_base
 from adapterkit.kinds import get_kind
 from adapterkit.manifest import Component
+from adapterkit.targets import resolve_module
+from adapterkit.values import check_weights
 
 log = logging.getLogger(__name__)
 
 
-def resolve_module(target: str, modules: set[str]) -> str | None:
-    """The base module a target names: itself, or, when the adapter was made on a model with (or without) a wrapper
-    prefix (``model.layers.0.q_proj`` vs ``layers.0.q_proj``), the unique module that differs by one leading
-    segment. ``None`` when nothing matches; AdapterError when several do."""
-    if target in modules:
-        return target
-    candidates = set()
-    _, _, without_head = target.partition(".")
-    if without_head in modules:
-        candidates.add(without_head)
-    depth = target.count(".") + 1
-    candidates.update(m for m in modules if m.endswith("." + target) and m.count(".") == depth)
-    if len(candidates) > 1:
-        raise AdapterError(f"target {target!r} is ambiguous in the base: it could be {' or '.join(sorted(candidates))}")
-    return candidates.pop() if candidates else None
-
-
 @dataclasses.dataclass
 class _Part:
-    """One target of one component (its weight times the adapter's folded in): the unit whose delta is added."""
+    """One target of one component: the unit whose math is applied to a base tensor."""
 
+    runtime: object
     component: Component
     target: str
-    roles: dict[str, torch.Tensor]
+    roles: Mapping[str, np.ndarray]
+    weight: float  #: the adapter's weight times the component's
+    key: str  #: names what its merge needs kept for its inverse (``<adapter>/<component>.<target>.<parameter>``)
 
 
 class MergePlan:
     """Which base tensors the adapters change, resolved against the base's tensor names.
 
     ``names`` are the base's tensor names (checkpoint keys or parameter names). ``sign`` is +1 to merge, -1 to
-    unmerge. Nothing is computed up front: :meth:`apply` adds the deltas to one base tensor when it meets it, so
-    memory stays at a few tensors however large the model.
+    unmerge. Nothing is computed up front: :meth:`apply` changes one base tensor when it meets it, so memory stays at a
+    few tensors however large the model. ``kept`` (unmerge) is what the merge returned for the kinds whose inverse
+    needs it; after a merge, :attr:`kept` holds it.
     """
 
     def __init__(self, adapters: Sequence[Adapter], weights: Sequence[float] | None, names: Iterable[str],
-                 sign: float = 1.0):
-        weights = _weights(adapters, weights)
+                 sign: float = 1.0, kept: Mapping[str, dict[str, torch.Tensor]] | None = None):
+        weights = check_weights(weights, len(adapters))
         self.names = set(names)
+        self.sign = sign
+        self.kept: dict[str, dict[str, torch.Tensor]] = dict(kept or {})
         modules = {name.rpartition(".")[0] for name in self.names}
-        #: base tensor name -> the parts whose deltas land on it, until applied
+        #: base tensor name -> the parts that change it, in merge order, until applied
         self._parts: dict[str, list[_Part]] = {}
         #: base tensor name -> tensor that replaces it (full components)
-        self.replacements: dict[str, torch.Tensor] = {}
+        self.replacements: dict[str, np.ndarray] = {}
         #: tensors a full component adds where the base has none, by name
-        self.additions: dict[str, torch.Tensor] = {}
-        for adapter, weight in zip(adapters, weights):
+        self.additions: dict[str, np.ndarray] = {}
+        for index, (adapter, weight) in enumerate(zip(adapters, weights)):
             for component in adapter.components:
-                self._add_component(adapter, component, weight * sign, modules, sign)
+                self._add_component(index, adapter, component, weight * component.weight, modules)
 
-    def _add_component(self, adapter, component, weight, modules, sign) -> None:
+    def _add_component(self, index, adapter, component, weight, modules) -> None:
         kind = get_kind(component.kind)
         tensors = adapter.component_tensors(component.name)
-        replaced = list(kind.replacements(component, tensors))
-        if replaced:
-            if sign < 0:
-                raise AdapterError(
+        if kind.replaces:
+            if self.sign < 0:
+                raise RequestError(
                     f"component {component.name!r} ({component.kind}) replaced whole base tensors when it was merged; "
-                    "the originals are not in the merged weights, so it cannot be unmerged: merge again from the base"
-                )
-            for target, parameter, tensor in replaced:
+                    "the originals are not in the merged weights, so it cannot be unmerged: merge again from the base")
+            for target in component.targets:
                 module = resolve_module(target, modules)
-                name = f"{module or target}.{parameter}"
-                (self.replacements if name in self.names else self.additions)[name] = tensor
+                for parameter, tensor in tensors[target].items():
+                    name = f"{module or target}.{parameter}"
+                    (self.replacements if name in self.names else self.additions)[name] = tensor
             return
-        if kind.delta_parameter is None:
-            raise AdapterError(kind.unmergeable_reason(component))
-        weighted = dataclasses.replace(component, weight=component.weight * weight)
+        if kind.unmergeable:
+            raise RequestError(kind.unmergeable_reason(component))
+        runtime = kind.runtime
         for target in component.targets:
             module = resolve_module(target, modules)
             if module is None:
-                raise AdapterError(f"component {component.name!r}: target {target!r} is not a module of the base")
-            self._parts.setdefault(f"{module}.{kind.delta_parameter}", []).append(
-                _Part(weighted, target, tensors[target]))
+                raise RequestError(f"component {component.name!r}: target {target!r} is not a module of the base")
+            for parameter in runtime.merged_parameters:
+                self._parts.setdefault(f"{module}.{parameter}", []).append(_Part(
+                    runtime, component, target, tensors[target], weight,
+                    f"{index}/{component.name}.{target}.{parameter}"))
 
     def touches(self, name: str) -> bool:
         return name in self.replacements or name in self._parts
@@ -112,12 +107,13 @@ class MergePlan:
         """The new value of base tensor ``name`` (given its current value), in ``dtype`` (default: its own).
 
         Changed tensors are computed in float32, in ``out`` when given (a float32 tensor of the same shape that the
-        caller reuses, so that streaming a checkpoint allocates no new memory per tensor)."""
+        caller reuses, so that streaming a checkpoint allocates no new memory per tensor). A result that is not
+        finite (in float32, or once cast to ``dtype``) is refused."""
         dtype = dtype or tensor.dtype
-        if name in self.replacements:  # a full tensor takes the base's place; deltas on the same tensor add to it
-            replacement = self.replacements.pop(name)
+        if name in self.replacements:  # a full tensor takes the base's place; deltas on the same tensor act on it
+            replacement = to_torch(self.replacements.pop(name))
             if replacement.shape != tensor.shape:
-                raise AdapterError(f"{name}: the adapter's tensor is {list(replacement.shape)}, "
+                raise RequestError(f"{name}: the adapter's tensor is {list(replacement.shape)}, "
                                    f"the base's is {list(tensor.shape)}")
             tensor = replacement
         parts = self._parts.pop(name, ())
@@ -125,52 +121,56 @@ class MergePlan:
             return tensor if tensor.dtype == dtype or not tensor.is_floating_point() else tensor.to(dtype)
         result = torch.empty(tensor.shape) if out is None else out
         result.copy_(tensor)
-        for part in parts:
-            kind = get_kind(part.component.kind)
-            shape = kind.delta_shape(part.component, part.target, part.roles)
-            if list(shape) != list(tensor.shape):
-                raise AdapterError(f"{name}: the adapter's delta is {list(shape)}, the base tensor is "
-                                   f"{list(tensor.shape)}")
-            kind.add_delta(part.component, part.target, part.roles, result)
-        return result if dtype == torch.float32 else result.to(dtype)
+        parameter = name.rpartition(".")[2]
+        for part in (parts if self.sign > 0 else reversed(parts)):
+            if self.sign > 0:
+                kept = part.runtime.merge(part.component, part.target, part.roles, parameter, result, part.weight)
+                if kept:
+                    self.kept[part.key] = kept
+            else:
+                part.runtime.unmerge(part.component, part.target, part.roles, parameter, result, part.weight,
+                                     self.kept.get(part.key))
+        stored = result if dtype == torch.float32 else result.to(dtype)
+        if not bool(torch.isfinite(stored).all()):
+            stage = "merged" if self.sign > 0 else "unmerged"
+            where = "" if dtype == torch.float32 else " in " + str(dtype).removeprefix("torch.")
+            raise RequestError(f"{name}: the {stage} tensor would hold NaN or Inf{where} (a weight or alpha too "
+                               "large?); nothing was written")
+        return stored
 
     def check_done(self) -> None:
-        """After every base tensor went through :meth:`apply`: refuse deltas that found no tensor to land on."""
+        """After every base tensor went through :meth:`apply`: refuse changes that found no tensor to land on."""
         if self._parts:
-            raise AdapterError(f"the adapter changes {sorted(self._parts)[0]}, which the base does not have "
+            raise RequestError(f"the adapter changes {sorted(self._parts)[0]}, which the base does not have "
                                "(a bias on a module without one cannot be merged)")
-
-
-def _weights(adapters: Sequence[Adapter], weights: Sequence[float] | None) -> list[float]:
-    if weights is None:
-        return [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise AdapterError(f"{len(weights)} weights given for {len(adapters)} adapters")
-    return [float(w) for w in weights]
 
 
 def merge_into_model(model: torch.nn.Module, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
                      force: bool = False) -> torch.nn.Module:
-    """Fold ``adapters`` (each times its weight) into ``model``'s parameters in place; returns the model."""
+    """Fold ``adapters`` (each times its weight) into ``model``'s parameters in place; returns the model. What the
+    inverse needs (for kinds that keep something) is left in ``model.adapterkit_kept``."""
     for number, adapter in enumerate(adapters, 1):
         check_base(adapter, model, f"adapter {number}", force)
-    _apply_to_model(model, MergePlan(adapters, weights, dict(model.named_parameters())))
+    plan = MergePlan(adapters, weights, dict(model.named_parameters()))
+    _apply_to_model(model, plan)
+    if plan.kept:
+        model.adapterkit_kept = plan.kept
     return model
 
 
 def unmerge_from_model(model: torch.nn.Module, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
                        ) -> torch.nn.Module:
-    """Subtract what :func:`merge_into_model` added (same adapters and weights); returns the model."""
-    _apply_to_model(model, MergePlan(adapters, weights, dict(model.named_parameters()), sign=-1.0))
+    """Undo what :func:`merge_into_model` did (same adapters and weights); returns the model."""
+    kept = getattr(model, "adapterkit_kept", None)
+    _apply_to_model(model, MergePlan(adapters, weights, dict(model.named_parameters()), sign=-1.0, kept=kept))
     return model
 
 
 def _apply_to_model(model: torch.nn.Module, plan: MergePlan) -> None:
     if plan.additions:
-        raise AdapterError(f"the adapter brings {sorted(plan.additions)[0]}, which this model has no parameter for")
+        raise RequestError(f"the adapter brings {sorted(plan.additions)[0]}, which this model has no parameter for")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if plan.touches(name):
+            if plan.touches(name):  # refused before it is copied: a model is never left with a non-finite tensor
                 parameter.copy_(plan.apply(name, parameter))
     plan.check_done()
-

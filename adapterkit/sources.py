@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from adapterkit.adapter import Adapter
-from adapterkit.fileformat import load
+from adapterkit.io.adapter_file import load
 
 HUB_SCHEME = "hf://"
 

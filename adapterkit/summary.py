@@ -1,22 +1,23 @@
-"""A summary of an adapter for people and programs: what ``adapterkit inspect`` shows, and the Hub model card."""
+"""A summary of an adapter for people and programs: what ``adapterkit inspect`` shows, and the Hub model card.
+
+Each kind adds its own fields and words (:meth:`adapterkit.kinds.base.Kind.describe` and ``detail``). Every line of
+the text form is made printable (:func:`adapterkit.text.printable`): strings from a file cannot forge a line.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 from adapterkit.adapter import Adapter
-from adapterkit.errors import AdapterError
+from adapterkit.errors import FormatError
+from adapterkit.io.digest import sha256_of
+from adapterkit.io.paths import open_regular
 from adapterkit.kinds import get_kind
+from adapterkit.text import printable
 
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+MERGE_RECORD = "adapterkit_merge.json"  # written by adapterkit.merge_checkpoint
+EXPORT_DESCRIPTION = "adapterkit.json"  # written by adapterkit.onnx.export
 
 
 def describe(adapter: Adapter, path: str | os.PathLike | None = None) -> dict:
@@ -24,21 +25,18 @@ def describe(adapter: Adapter, path: str | os.PathLike | None = None) -> dict:
     manifest = adapter.manifest
     components = []
     for component in manifest.components:
+        kind = get_kind(component.kind)
         tensors = adapter.component_tensors(component.name)
-        entry = {
+        components.append({
             "name": component.name,
             "kind": component.kind,
             "weight": component.weight,
             "targets": len(component.targets),
             "target_names": list(component.targets),
-            "parameters": get_kind(component.kind).parameter_count(component, tensors),
+            "parameters": kind.parameter_count(component, tensors),
             "params": dict(component.params),
-        }
-        if component.kind == "lora":
-            entry["ranks"] = sorted({int(roles["lora_A"].shape[0]) for roles in tensors.values()})
-        if component.kind == "prefix":
-            entry["prefix_length"] = component.params.get("prefix_length")
-        components.append(entry)
+            **kind.describe(component, tensors),
+        })
     out = {
         "format_version": manifest.format_version,
         "producer": manifest.producer,
@@ -47,7 +45,7 @@ def describe(adapter: Adapter, path: str | os.PathLike | None = None) -> dict:
         "components": components,
         "parameters": adapter.parameter_count(),
         "tensor_bytes": adapter.nbytes(),
-        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values()}),
+        "dtypes": sorted({str(t.dtype) for t in adapter.tensors.values()}),
     }
     if manifest.composition:
         out["composition"] = manifest.composition
@@ -71,12 +69,13 @@ def _compact_targets(names: list[str]) -> str:
 def render(summary: dict) -> str:
     """The human-readable form of :func:`describe`."""
     base = summary["base_model"]
+    producer = summary["producer"]
     lines = []
     if "file" in summary:
         lines.append(f"{summary['file']}  ({summary['file_bytes']:,} bytes, sha256 {summary['sha256'][:16]}…)")
     lines += [
-        f"format      adapterkit {summary['format_version']} (written by {summary['producer'].get('name', '?')} "
-        f"{summary['producer'].get('version', '')})".rstrip(),
+        f"format      adapterkit {summary['format_version']} (written by {producer.get('name', '?')} "
+        f"{producer.get('version', '')})".rstrip(),
         f"base model  {base.get('id') or '(unnamed)'}" + (f" @ {base['revision']}" if base.get("revision") else ""),
         f"fingerprint {base.get('fingerprint') or '(none)'}",
         f"kinds       {', '.join(summary['kinds'])}",
@@ -85,12 +84,9 @@ def render(summary: dict) -> str:
     ]
     for c in summary["components"]:
         detail = f"weight {c['weight']:g}, {c['targets']} targets, {c['parameters']:,} parameters"
-        if "ranks" in c:
-            detail += f", rank {'/'.join(map(str, c['ranks']))}, alpha {c['params'].get('alpha')}"
-            if c["params"].get("scaling", "standard") != "standard":
-                detail += f" ({c['params']['scaling']})"
-        if c.get("prefix_length"):
-            detail += f", prefix length {c['prefix_length']}"
+        kind_detail = get_kind(c["kind"]).detail(c)
+        if kind_detail:
+            detail += f", {kind_detail}"
         lines.append(f"  {c['name']:<12} {c['kind']:<7} {detail}")
         lines.append(f"  {'':<12} {'':<7} targets: {_compact_targets(c['target_names'])}")
     composition = summary.get("composition")
@@ -99,16 +95,20 @@ def render(summary: dict) -> str:
         for source in composition["sources"]:
             lines.append(f"  from {source['name']} (weight {source['weight']:g}, sha256 {source['sha256'][:16]}…)")
         error = composition.get("error") or {}
-        if isinstance(error.get("relative"), (int, float)) and error["relative"] > 0:
+        if _is_number(error.get("relative")) and error["relative"] > 0:
             worst = max((e.get("relative", 0) for e in (error.get("per_target") or {}).values()
-                         if isinstance(e, dict) and isinstance(e.get("relative"), (int, float))), default=None)
+                         if isinstance(e, dict) and _is_number(e.get("relative"))), default=None)
             lines.append(f"  relative Frobenius error {error['relative']:.3e} overall"
                          + (f", {worst:.3e} at worst per target" if worst is not None else ""))
     training = summary.get("training")
     if training:
         shown = ", ".join(f"{k}={v}" for k, v in training.items() if not isinstance(v, (dict, list)))
         lines.append(f"trained     {shown}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _composition_line(composition: dict) -> str:
@@ -126,10 +126,6 @@ def _composition_line(composition: dict) -> str:
     return line
 
 
-MERGE_RECORD = "adapterkit_merge.json"  # written by adapterkit.merge_checkpoint
-EXPORT_DESCRIPTION = "adapterkit.json"  # written by adapterkit.onnx.export
-
-
 def describe_folder(folder: str | os.PathLike) -> dict:
     """What adapterkit wrote into a folder: a merged model (its merge record) or an ONNX export (its description)."""
     folder = os.fspath(folder)
@@ -137,30 +133,38 @@ def describe_folder(folder: str | os.PathLike) -> dict:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             try:
-                with open(path) as handle:
+                with open_regular(path) as handle:
                     record = json.load(handle)
             except (OSError, ValueError) as exc:
-                raise AdapterError(f"{name} is unreadable ({exc})", folder) from None
+                raise FormatError(f"{name} is unreadable ({type(exc).__name__})", folder) from None
+            if not isinstance(record, dict):
+                raise FormatError(f"{name} is not a JSON object", folder)
             return {"folder": folder, "what": what, **record}
-    raise AdapterError(f"not an adapter file, merged model or ONNX export (no {MERGE_RECORD} or {EXPORT_DESCRIPTION})",
-                       folder)
+    raise FormatError(f"not an adapter file, merged model or ONNX export (no {MERGE_RECORD} or {EXPORT_DESCRIPTION})",
+                      folder)
 
 
 def render_folder(summary: dict) -> str:
-    """The human-readable form of :func:`describe_folder`."""
+    """The human-readable form of :func:`describe_folder` (whatever the record holds: every value is shown as text)."""
     lines = [f"{summary['folder']}  ({summary['what']})"]
     if summary["what"] == "merged model":
         lines.append(f"base fingerprint {summary.get('base_fingerprint')}")
-        for entry in summary.get("merged", []):
-            lines.append(f"  merged {entry.get('source')} (weight {entry.get('weight', 1):g}, "
+        for entry in _dicts(summary.get("merged")):
+            lines.append(f"  merged {entry.get('source')} (weight {entry.get('weight', 1)}, "
                          f"sha256 {str(entry.get('sha256'))[:16]}…)")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)
     lines.append(f"mode        {summary.get('mode')} graph {summary.get('model')} from base {summary.get('base')}")
-    lines.append("inputs      " + ", ".join(f"{i['name']} {i['shape']}" for i in summary.get("inputs", [])))
-    lines.append("outputs     " + ", ".join(f"{o['name']} {o['shape']}" for o in summary.get("outputs", [])))
-    if summary.get("adapter_inputs"):
-        lines.append(f"adapter slots {len(summary['adapter_inputs'])} optional inputs (empty by default: the base model)")
-    for adapter in summary.get("adapters", []):
-        lines.append(f"  adapter {adapter['name']:<12} {', '.join(adapter.get('kinds', []))}"
+    lines.append("inputs      " + ", ".join(f"{i.get('name')} {i.get('shape')}" for i in _dicts(summary.get("inputs"))))
+    lines.append("outputs     " + ", ".join(f"{o.get('name')} {o.get('shape')}" for o in _dicts(summary.get("outputs"))))
+    slots = _dicts(summary.get("adapter_inputs"))
+    if slots:
+        lines.append(f"adapter slots {len(slots)} optional inputs (empty by default: the base model)")
+    for adapter in _dicts(summary.get("adapters")):
+        kinds = adapter.get("kinds") if isinstance(adapter.get("kinds"), list) else []
+        lines.append(f"  adapter {str(adapter.get('name')):<12} {', '.join(map(str, kinds))}"
                      + (f"  {adapter['file']}" if adapter.get("file") else ""))
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
+
+
+def _dicts(value) -> list[dict]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []

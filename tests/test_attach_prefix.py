@@ -3,14 +3,15 @@ model as past key/values)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from peft import PrefixTuningConfig, TaskType, get_peft_model
 
 import tiny_models
-from adapterkit import Adapter, AdapterError, BaseModel, Component, Manifest, fingerprint
-from adapterkit.adapter import tensor_name
+from adapterkit import Adapter, AdapterError, Component, Manifest
 from adapterkit.attach import attach
+from adapterkit.converters import peft as peft_format
 from adapterkit.merge import merge_into_model
 from test_attach import assert_restored, snapshot
 
@@ -34,31 +35,23 @@ def peft_prefix_model(build, task_type):
     return peft_model.eval()
 
 
-def adapter_from_peft(peft_model, module_name: str, base) -> Adapter:
-    """Our prefix adapter holding PEFT's prefix: its embedding [p, layers·2·kv_heads·head_dim] is viewed as
-    [p, layers·2, kv_heads, head_dim] (key of layer i at 2i, value at 2i+1), as PEFT's get_prompt does."""
-    config = peft_model.active_peft_config
-    heads = config.num_attention_heads
-    per_layer = peft_model.prompt_encoder["default"].embedding.weight.detach().view(
-        PREFIX_LENGTH, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
-    targets = [module_name.format(i) for i in range(config.num_layers)]
-    tensors = {}
-    for i, target in enumerate(targets):
-        tensors[tensor_name("prefix", target, "prefix_key")] = per_layer[2 * i].clone()
-        tensors[tensor_name("prefix", target, "prefix_value")] = per_layer[2 * i + 1].clone()
-    manifest = Manifest([Component("prefix", "prefix", targets, {"prefix_length": PREFIX_LENGTH})],
-                        BaseModel("tiny", None, fingerprint(base)))
-    return Adapter(manifest, tensors)
+def adapter_from_peft(peft_model, base_model, folder) -> Adapter:
+    """Our prefix adapter for PEFT's, made the way a user makes it: PEFT saves its folder, our converter reads it
+    (finding the attention modules on the saved base)."""
+    base_model.save_pretrained(folder / "base")
+    peft_model.save_pretrained(folder / "peft")
+    return peft_format.read(folder / "peft", base=folder / "base")
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("case", CASES)
-def test_prefix_matches_peft_and_detach_restores_the_model(case, implementation):
+def test_prefix_matches_peft_and_detach_restores_the_model(case, implementation, tmp_path):
     build, task_type, module_name, field = CASES[case]
     peft_model = peft_prefix_model(build, task_type)
     model = build()
     model.set_attn_implementation(implementation)
-    adapter = adapter_from_peft(peft_model, module_name, model)
+    adapter = adapter_from_peft(peft_model, model, tmp_path)
+    assert adapter.components[0].targets == [module_name.format(i) for i in range(2)]  # the modules PEFT feeds
     with torch.no_grad():
         reference = getattr(peft_model(input_ids=IDS, attention_mask=MASK), field)
         reference_unmasked = getattr(peft_model(input_ids=IDS), field)
@@ -74,10 +67,10 @@ def test_prefix_matches_peft_and_detach_restores_the_model(case, implementation)
         assert torch.equal(getattr(model(input_ids=IDS, attention_mask=MASK), field), base_output)
 
 
-def test_prefix_cannot_be_weighted():
+def test_prefix_cannot_be_weighted(tmp_path):
     peft_model = peft_prefix_model(tiny_models.llama, TaskType.CAUSAL_LM)
     model = tiny_models.llama()
-    adapter = adapter_from_peft(peft_model, CASES["llama"][2], model)
+    adapter = adapter_from_peft(peft_model, model, tmp_path)
     before = snapshot(model)
     with pytest.raises(AdapterError, match="cannot be weighted"):
         attach(model, adapter, weights=[0.5])
@@ -85,12 +78,12 @@ def test_prefix_cannot_be_weighted():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_lora_and_prefix_attach_together_and_export():
+def test_lora_and_prefix_attach_together_and_export(tmp_path):
     """PEFT cannot hold LoRA and a prefix in one model; the reference is PEFT's prefix model on a base into which
     the LoRA was merged."""
     peft_model = peft_prefix_model(tiny_models.llama, TaskType.CAUSAL_LM)
     model = tiny_models.llama()
-    prefix = adapter_from_peft(peft_model, CASES["llama"][2], model)
+    prefix = adapter_from_peft(peft_model, model, tmp_path)
     lora = tiny_models.random_lora(model, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"])
     merge_into_model(peft_model.get_base_model(), [lora])
     inputs = {"input_ids": IDS, "attention_mask": MASK, "use_cache": False}
@@ -103,14 +96,14 @@ def test_lora_and_prefix_attach_together_and_export():
             assert set(handle.parameter_names().values()) <= set(program.graph_signature.parameters)
 
 
-def test_two_prefixes_attach_as_their_concatenation():
+def test_two_prefixes_attach_as_their_concatenation(tmp_path):
     peft_model = peft_prefix_model(tiny_models.llama, TaskType.CAUSAL_LM)
     model = tiny_models.llama()
-    first = adapter_from_peft(peft_model, CASES["llama"][2], model)
-    second = Adapter(first.manifest, {k: torch.flip(v, dims=[1]) * 0.5 for k, v in first.tensors.items()})
+    first = adapter_from_peft(peft_model, model, tmp_path)
+    second = Adapter(first.manifest, {k: np.flip(v, axis=1) * 0.5 for k, v in first.tensors.items()})
     joined = Adapter(Manifest([Component("prefix", "prefix", first.components[0].targets,
                                          {"prefix_length": 2 * PREFIX_LENGTH})], first.manifest.base_model),
-                     {k: torch.cat([v, second.tensors[k]], dim=1) for k, v in first.tensors.items()})
+                     {k: np.concatenate([v, second.tensors[k]], axis=1) for k, v in first.tensors.items()})
     with torch.no_grad():
         with attach(model, joined):
             reference = model(input_ids=IDS, attention_mask=MASK).logits
@@ -118,13 +111,13 @@ def test_two_prefixes_attach_as_their_concatenation():
             torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, reference, atol=1e-6, rtol=0)
 
 
-def test_generate_with_a_cache_follows_peft_greedy_decoding():
+def test_generate_with_a_cache_follows_peft_greedy_decoding(tmp_path):
     """generate() runs the prefix with a KV cache (our prefix stays out of it). Reference: greedy decoding with PEFT's
     forward on the whole sequence each step (with peft 0.21 / transformers 5.24, PEFT's own generate picks other tokens
     than its forward from the first step on, so it is not used)."""
     peft_model = peft_prefix_model(tiny_models.llama, TaskType.CAUSAL_LM)
     model = tiny_models.llama()
-    adapter = adapter_from_peft(peft_model, CASES["llama"][2], model)
+    adapter = adapter_from_peft(peft_model, model, tmp_path)
     with torch.no_grad():
         expected = IDS
         for _ in range(4):

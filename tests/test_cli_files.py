@@ -109,7 +109,7 @@ def test_validate_and_inspect_leave_inputs_unchanged():
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["inspect", "missing.safetensors"], "missing.safetensors: cannot read"),
+    (["inspect", "missing.safetensors"], "missing.safetensors: no such file or folder"),
     (["inspect", VECTORS / "invalid_version_2_0.safetensors"], "format version 2.0 is not supported"),
     (["validate", VECTORS / "invalid_truncated.safetensors"], "truncated?"),
     (["fingerprint", VECTORS], "no model.safetensors"),

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import tiny_models
 from adapterkit import Adapter, AdapterError, BaseModel, Component, Manifest, fingerprint, load, save
 from adapterkit.adapter import tensor_name
+from adapterkit.arrays import to_torch
 from adapterkit.cli import main
 from adapterkit.compose import compose
-from adapterkit.kinds import get_kind
+from adapterkit.errors import RequestError
+from adapterkit.io.digest import sha256_of
 from adapterkit.kinds.lora import scale
-from adapterkit.summary import sha256_of
 
 Q0 = "model.layers.0.self_attn.q_proj"
 V1 = "model.layers.1.self_attn.v_proj"
@@ -45,20 +47,18 @@ def exact_sum(adapters, weights) -> dict[str, torch.Tensor]:
     for adapter, weight in zip(adapters, weights):
         component = adapter.components[0]
         for target, roles in adapter.component_tensors(component.name).items():
-            a, b = roles["lora_A"].double(), roles["lora_B"].double()
+            a, b = to_torch(roles["lora_A"]).double(), to_torch(roles["lora_B"]).double()
             s = scale(a.shape[0], component.params["alpha"], component.params["scaling"])
             total[target] = total.get(target, 0) + weight * s * (b @ a)
     return total
 
 
 def weight_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The LoRA ΔW per target, as the kinds registry (used by merge) computes it from the file's tensors."""
+    """The LoRA ΔW per target, as merge computes it from the file's tensors (stored layout, float64)."""
     out = {}
     for component in (c for c in adapter.components if c.kind == "lora"):
-        for target, parameter, delta in get_kind(component.kind).weight_deltas(
-                component, adapter.component_tensors(component.name)):
-            if parameter == "weight":
-                out[target] = out.get(target, 0) + delta.double()
+        for target, roles in adapter.component_tensors(component.name).items():
+            out[target] = out.get(target, 0) + tiny_models.merged_delta(component, target, roles).double()
     return out
 
 
@@ -77,8 +77,8 @@ def peft_model_with(model, adapters: dict[str, Adapter]):
             peft_model.add_adapter(name, config)
         for target, roles in adapter.component_tensors(component.name).items():
             module = peft_model.base_model.model.get_submodule(target)
-            module.lora_A[name].weight.data.copy_(roles["lora_A"])
-            module.lora_B[name].weight.data.copy_(roles["lora_B"])
+            module.lora_A[name].weight.data.copy_(to_torch(roles["lora_A"]))
+            module.lora_B[name].weight.data.copy_(to_torch(roles["lora_B"]))
     return peft_model
 
 
@@ -262,8 +262,8 @@ def test_lora_bitfit_prefix_and_head_compose_into_one_file(tmp_path, llama, two_
     loaded = load(tmp_path / "mix.safetensors")
     assert [(c.name, c.kind) for c in loaded.components] == [
         ("mix_lora", "lora"), ("mix_bitfit", "bitfit"), ("mix_prefix", "prefix"), ("mix_full", "full")]
-    biases = loaded.component_tensors("mix_bitfit")
-    bias = lambda adapter, t: adapter.component_tensors("default")[t]["bias"]  # noqa: E731
+    biases = {t: tiny_models.torch_roles(roles) for t, roles in loaded.component_tensors("mix_bitfit").items()}
+    bias = lambda adapter, t: to_torch(adapter.component_tensors("default")[t]["bias"])  # noqa: E731
     torch.testing.assert_close(biases[Q0]["bias"], 2.0 * bias(bitfit_a, Q0) - bias(bitfit_b, Q0))
     torch.testing.assert_close(biases[V1]["bias"], 2.0 * bias(bitfit_a, V1))
     torch.testing.assert_close(biases[DOWN0]["bias"], -bias(bitfit_b, DOWN0))
@@ -272,9 +272,9 @@ def test_lora_bitfit_prefix_and_head_compose_into_one_file(tmp_path, llama, two_
     for target, roles in loaded.component_tensors("mix_prefix").items():
         for role in ("prefix_key", "prefix_value"):
             parts = [p.component_tensors("default")[target][role] for p in (prefix_a, prefix_b)]
-            assert torch.equal(roles[role], torch.cat(parts, dim=1))
-    assert torch.equal(loaded.component_tensors("mix_full")["lm_head"]["weight"],
-                       head.component_tensors("default")["lm_head"]["weight"])
+            assert np.array_equal(roles[role], np.concatenate(parts, axis=1))
+    assert np.array_equal(loaded.component_tensors("mix_full")["lm_head"]["weight"],
+                          head.component_tensors("default")["lm_head"]["weight"])
     for target, delta in exact_sum([lora], [0.5]).items():
         torch.testing.assert_close(weight_deltas(loaded)[target], delta, atol=1e-6, rtol=0)
     assert [s["weight"] for s in loaded.manifest.composition["sources"]] == [0.5, 2.0, -1.0, 1, 1, 1]
@@ -353,11 +353,9 @@ def test_cli_composes_prints_errors_and_records_the_sources(capsys, files, two_l
 @pytest.mark.parametrize("argv, message", [
     (["a", "other_base"], "made for another base model"),
     (["a", "wrong_shape"], "shapes disagree"),
-    (["a", "b", "--weights", "1,2,3"], "gives 3 weights for 2 adapters"),
-    (["a", "b", "--rank", "4"], "concat is exact"),
-    (["a", "b", "--method", "ties"], "ties needs a density"),
+    (["a", "b", "--rank", "4"], "--rank does not apply to concat (it is exact"),
+    (["a", "b", "--method", "ties"], "ties needs --density"),
     (["a", "b", "--method", "svd", "--rank", "2", "--tol", "0.1"], "either a rank or a tolerance"),
-    (["a", "b", "--weights", "1,x"], "not a comma-separated list"),
 ])
 def test_cli_refusals_are_one_line_and_exit_1(capsys, files, argv, message):
     argv = [str(files[a]) if a in files else a for a in argv]
@@ -367,6 +365,25 @@ def test_cli_refusals_are_one_line_and_exit_1(capsys, files, argv, message):
     assert not files["out"].with_name("refused.safetensors").exists()
 
 
-def test_cli_unknown_method_is_refused_in_one_line(capsys, files):
-    code, _, err = run_cli(capsys, files["a"], "--method", "average", "-o", files["out"])
-    assert code == 1 and err.count("\n") == 1 and "unknown composition method 'average'" in err
+@pytest.mark.parametrize("argv, message", [
+    (["a", "b", "--weights", "1,2,3"], "gives 3 weights for 2 adapters"),
+    (["a", "b", "--weights", "1,x"], "entry 'x' must be a number"),
+    (["a", "b", "--weights", "nan,1"], "must be a finite number"),
+    (["a", "--method", "average"], "'average' is not one of"),
+    (["a", "b", "--method", "svd", "--rank", "0"], "0 is not in the range x>=1"),
+    (["a", "b", "--method", "svd", "--tol", "inf"], "must be a finite number"),
+    (["a", "b", "--method", "ties", "--density", "0"], "must be in (0, 1]"),
+])
+def test_cli_bad_option_values_are_usage_errors(capsys, files, argv, message):
+    """Bad option values are refused before any work, the click way: a usage line, the reason, exit 2."""
+    argv = [str(files[a]) if a in files else a for a in argv]
+    code, _, err = run_cli(capsys, *argv, "-o", files["out"].with_name("refused.safetensors"))
+    assert code == 2 and err.startswith("Usage: ") and message in err, err
+    assert not files["out"].with_name("refused.safetensors").exists()
+
+
+def test_library_refuses_what_the_cli_refuses(two_loras):
+    with pytest.raises(RequestError, match="unknown composition method 'average'"):
+        compose(two_loras, method="average")
+    with pytest.raises(RequestError, match="must be a finite number"):
+        compose(two_loras, [float("nan"), 1.0])

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapterkit import Adapter, AdapterError
-from adapterkit.fileformat import MANIFEST_KEY, parse
+from adapterkit.io.adapter_file import MANIFEST_KEY, parse
 from adapterkit.summary import describe, render
 from cli_runner import call_cli, run_cli
 

@@ -18,9 +18,10 @@ from transformers import DynamicCache
 import tiny_models
 from adapterkit import Adapter, AdapterError, BaseModel, Component, Manifest, fingerprint
 from adapterkit.adapter import tensor_name
+from adapterkit.arrays import to_torch
 from adapterkit.attach import attach
 from adapterkit.cli import main
-from adapterkit.fileformat import save
+from adapterkit.io.adapter_file import save
 from adapterkit.onnx.export import export_onnx, load_base
 from adapterkit.onnx.exportable import task_output
 from adapterkit.onnx.runner import Runner
@@ -126,7 +127,7 @@ def test_llama_prefix_matches_a_transformers_kv_cache(llama):
     cache = DynamicCache(config=model.config)
     for layer in LLAMA_LAYERS:
         roles = adapters["prefix"].component_tensors("prefix")[f"model.layers.{layer}.self_attn"]
-        cache.update(*(roles[r].expand(batch, -1, -1, -1) for r in ("prefix_key", "prefix_value")), layer)
+        cache.update(*(to_torch(roles[r]).expand(batch, -1, -1, -1) for r in ("prefix_key", "prefix_value")), layer)
     mask = torch.cat([torch.ones(batch, p, dtype=torch.long), inputs["attention_mask"]], dim=1)
     with torch.no_grad():
         expected = model(input_ids=inputs["input_ids"], attention_mask=mask, cache=cache,
@@ -145,9 +146,9 @@ def test_llama_graph_layout(llama):
     graph = onnx.load(exported.folder / "model.onnx").graph
     initializers = {i.name: list(i.dims) for i in graph.initializer}
     inputs = {i.name: i.type.tensor_type.shape.dim for i in graph.input}
-    a = "model.layers.0.self_attn.q_proj.lora_A"
+    a = "model.layers.0.self_attn.q_proj.lora.lora_A"
     assert inputs[a][0].dim_param and initializers[a] == [0, 32]
-    key = "model.layers.1.self_attn.prefix_key"
+    key = "model.layers.1.self_attn.prefix.prefix_key"
     assert inputs[key][1].dim_param and initializers[key] == [2, 0, 8]
     description = json.loads((exported.folder / "adapterkit.json").read_text())
     assert [a["name"] for a in description["adapters"]] == ["a", "b", "prefix"]
@@ -207,8 +208,8 @@ def test_onnx_adapter_converter_feeds_the_graph(llama, tmp_path):
     written = read_onnx_adapter(target)
     lora = adapters["a"].component_tensors("default")
     for module, roles in lora.items():
-        assert np.array_equal(written[f"{module}.lora_A"], roles["lora_A"].numpy())
-        assert np.allclose(written[f"{module}.lora_B"], roles["lora_B"].numpy() * 8 / 4)
+        assert np.array_equal(written[f"{module}.lora.lora_A"], roles["lora_A"])
+        assert np.allclose(written[f"{module}.lora.lora_B"], roles["lora_B"] * 8 / 4)
     with pytest.raises(AdapterError, match="no manifest"):
         onnx_adapter.read(target)
     converted = ort.LoraAdapter()

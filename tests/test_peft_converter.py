@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 
 import tiny_models
 from adapterkit import AdapterError, load, save
+from adapterkit.arrays import to_torch
 from adapterkit.converters import peft as peft_format
 from adapterkit.merge import merge_into_model
 
@@ -105,8 +106,8 @@ def test_prefix_tuning_layout_matches_peft_get_prompt_and_round_trips(tiny_llama
     assert component.targets == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     cache = peft_model.get_prompt(batch_size=1)
     for i, target in enumerate(component.targets):  # PEFT's own reading of its tensor, layer by layer
-        assert torch.equal(adapter.tensors[f"prefix.{target}.prefix_key"], cache.layers[i].keys[0])
-        assert torch.equal(adapter.tensors[f"prefix.{target}.prefix_value"], cache.layers[i].values[0])
+        assert torch.equal(to_torch(adapter.tensors[f"prefix.{target}.prefix_key"]), cache.layers[i].keys[0])
+        assert torch.equal(to_torch(adapter.tensors[f"prefix.{target}.prefix_value"]), cache.layers[i].values[0])
     torch.testing.assert_close(logits(reloaded), logits(peft_model), atol=1e-6, rtol=0)
 
 

@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
 from adapterkit import AdapterError, fingerprint, load, save
-from adapterkit.kinds import get_kind
 from cli_runner import call_cli, run_cli
+from tiny_models import merged_delta, torch_roles
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
 VECTORS = SPEC / "vectors"
@@ -79,8 +80,9 @@ def test_rslora_vector_follows_the_spec_math():
     """SPEC §6.2: s = α/√r per target with overrides; fan_in_fan_out targets get ΔWᵀ. Computed here by hand."""
     adapter = load(VECTORS / "valid_rslora_target_params.safetensors")
     component = adapter.components[0]
-    tensors = adapter.component_tensors(component.name)
-    deltas = {target: delta for target, _, delta in get_kind("lora").weight_deltas(component, tensors)}
+    arrays = adapter.component_tensors(component.name)
+    deltas = {target: merged_delta(component, target, roles) for target, roles in arrays.items()}
+    tensors = {target: torch_roles(roles) for target, roles in arrays.items()}
     q, v, embed = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.embed_tokens"
     expected_q = 4.0 / math.sqrt(2) * tensors[q]["lora_B"] @ tensors[q]["lora_A"]
     expected_v = 2.0 / math.sqrt(1) * tensors[v]["lora_B"] @ tensors[v]["lora_A"]
@@ -151,6 +153,7 @@ def test_bfloat16_rounding_is_to_nearest_even():
     expected = torch.tensor(halfway).to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
     assert _bfloat16_bits(halfway) == expected
     assert np.frombuffer(expected, "<u2").tolist() == [0x3F80, 0x3F82]
+    assert halfway.astype(ml_dtypes.bfloat16).view("<u2").tobytes() == expected  # the fingerprint's own rounding
 
 
 def test_a_1_1_file_keeps_its_unknown_fields_and_version_when_written_back(tmp_path):

@@ -15,6 +15,8 @@ from transformers import (
 
 from adapterkit import Adapter, BaseModel, Component, Manifest, fingerprint
 from adapterkit.adapter import tensor_name
+from adapterkit.arrays import to_torch
+from adapterkit.kinds import get_kind
 
 VOCAB = 128
 
@@ -69,3 +71,18 @@ def random_lora(model: torch.nn.Module, targets: list[str], rank: int = 4, alpha
         base_model=BaseModel(base_id, None, fingerprint(model)),
     )
     return Adapter(manifest, tensors)
+
+
+def torch_roles(roles: dict) -> dict[str, torch.Tensor]:
+    """An adapter target's tensors ({role: numpy array}) as torch tensors."""
+    return {role: to_torch(array) for role, array in roles.items()}
+
+
+def merged_delta(component, target: str, roles: dict, weight: float = 1.0) -> torch.Tensor:
+    """What merge adds to a target's base weight (stored layout, float32): the kind's merge applied to zeros."""
+    runtime = get_kind(component.kind).runtime
+    a, b = roles["lora_A"], roles["lora_B"]
+    shape = [b.shape[0], a.shape[1]]
+    delta = torch.zeros(shape[::-1] if component.param(target, "fan_in_fan_out", False) else shape)
+    runtime.merge(component, target, roles, "weight", delta, weight * component.weight)
+    return delta

@@ -5,89 +5,84 @@
         logits = model(input_ids).logits          # base + 0.7·support + 0.3·legal
     # the model is bit for bit the base again
 
-Nothing is folded into the base weights: LoRA runs its low-rank path beside the base module, BitFit adds its bias
-delta to the module's output, prefix tuning prepends key/value vectors inside attention, and ``full`` tensors take
-the place of the base's parameters until detach puts the originals back. One module per kind in this package does the
-work (:mod:`.lora`, :mod:`.bitfit`, :mod:`.prefix`, :mod:`.full`); this module checks the base, resolves target
-names and keeps the list of changes that :meth:`AttachedAdapters.detach` undoes in reverse order.
+Nothing is folded into the base weights: each component's kind installs its forward function where it acts (around
+a module, inside attention, in place of a parameter; see :mod:`adapterkit.kinds.runtime`), reading the adapter's
+tensors as parameters of their own. This module checks the base, resolves target names, and keeps the list of changes
+that :meth:`AttachedAdapters.detach` undoes in reverse order. The ONNX export installs its graph inputs through the
+same handle (:meth:`AttachedAdapters.install`), so attach and export run one mechanism.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from adapterkit.adapter import Adapter
-from adapterkit.attach.wrapper import AdapterWrapper
-from adapterkit.errors import AdapterError
+from adapterkit.arrays import to_torch
+from adapterkit.attach.wrapper import ADAPTER_PARAMETER, AdapterTensors, AdapterWrapper
+from adapterkit.errors import RequestError
 from adapterkit.fingerprint import check_base
-from adapterkit.merge import _weights, resolve_module
+from adapterkit.kinds import get_kind
+from adapterkit.manifest import Component
+from adapterkit.targets import resolve_module
+from adapterkit.values import check_weights
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AttachedAdapters", "attach"]
-
-#: kinds with a module of the same name in this package
-ATTACHABLE = ("lora", "bitfit", "prefix", "full")
 
 
 class AttachedAdapters:
     """What :func:`attach` returns: the adapters' live tensors, and the way back to the base model.
 
     ``tensors`` maps ``"<adapter index>/<tensor name>"`` to the ``nn.Parameter`` used in the forward pass (train it,
-    or make it a graph input when exporting). Use it as a context manager to detach on exit.
+    or read it back with :meth:`to_adapters`). Use it as a context manager to detach on exit.
     """
 
-    def __init__(self, model: torch.nn.Module, adapters: Sequence[Adapter], trainable: bool):
+    def __init__(self, model: torch.nn.Module, adapters: Sequence[Adapter] = (), trainable: bool = False):
         self.model = model
         self.adapters = list(adapters)
         self.trainable = trainable
         self.tensors: dict[str, torch.nn.Parameter] = {}
         self._modules = {name for name, _ in model.named_modules()}
         self._undo: list[Callable[[], None]] = []
-        self._wrappers: dict[tuple[str, type], AdapterWrapper] = {}
-        #: what a kind's module keeps for the length of this attach (the prefix module: its stores)
+        self._wrappers: dict[str, AdapterWrapper] = {}
+        #: what a kind's runtime keeps for the length of this attach (the prefix runtime: its stores)
         self.shared: dict[str, object] = {}
         self.attached = True
 
-    # -- used by the per-kind modules -------------------------------------------------------------------------------
+    # -- used by the kinds' runtimes and the ONNX export ---------------------------------------------------------------
 
     def resolve(self, component_name: str, target: str) -> str:
         """The model's module path for an adapter target (exact, else differing by the model's wrapper prefix)."""
         module = resolve_module(target, self._modules)
         if module is None:
-            raise AdapterError(f"component {component_name!r}: target {target!r} is not a module of this model")
+            raise RequestError(f"component {component_name!r}: target {target!r} is not a module of this model")
         return module
 
-    def parameter(self, index: int, name: str, tensor: torch.Tensor, like: torch.Tensor | None) -> torch.nn.Parameter:
-        """A fresh ``nn.Parameter`` holding a copy of an adapter tensor, on the device (and in the dtype) of
-        ``like``, recorded in :attr:`tensors` under ``"<index>/<name>"``. The adapter's own tensor is never changed."""
-        device = like.device if like is not None else None
-        dtype = like.dtype if like is not None and like.is_floating_point() else tensor.dtype
-        parameter = torch.nn.Parameter(tensor.detach().to(device=device, dtype=dtype, copy=True),
-                                       requires_grad=self.trainable)
-        self.tensors[f"{index}/{name}"] = parameter
-        return parameter
-
-    def wrapper(self, path: str, wrapper_type: type[AdapterWrapper]) -> AdapterWrapper:
-        """The wrapper of ``wrapper_type`` this attach put around module ``path``, created and swapped in on first
-        use (several adapters on one module share it, so their effects add up)."""
-        key = (path, wrapper_type)
-        if key not in self._wrappers:
+    def wrapper(self, path: str) -> AdapterWrapper:
+        """The wrapper this attach put around module ``path``, created and swapped in on first use (every entry on one
+        module shares it, in attach order)."""
+        if path not in self._wrappers:
             original = self.model.get_submodule(path)
-            wrapper = wrapper_type(original)
+            wrapper = AdapterWrapper(original)
+            wrapper.train(original.training)
             self.model.set_submodule(path, wrapper)
             self.on_detach(lambda: self.model.set_submodule(path, original))
-            self._wrappers[key] = wrapper
-        return self._wrappers[key]
+            self._wrappers[path] = wrapper
+        return self._wrappers[path]
 
     def on_detach(self, undo: Callable[[], None]) -> None:
         """Register a change's undo; detach runs them last first."""
         self._undo.append(undo)
+
+    def install(self, runtime, path: str, key: str, source, scale: float) -> None:
+        """Put one entry of a kind on module ``path``: its forward reads its tensors from ``source``."""
+        runtime.install(self, path, key, source, scale)
 
     # -- public --------------------------------------------------------------------------------------------------------
 
@@ -109,12 +104,12 @@ class AttachedAdapters:
         return {key: qualified[id(p)] for key, p in self.tensors.items() if id(p) in qualified}
 
     def to_adapters(self) -> list[Adapter]:
-        """The adapters with their current tensor values (after training): detached copies on the CPU, in each
-        adapter's own dtypes, with the manifests as given."""
+        """The adapters with their current tensor values (after training): copies, in each adapter's own dtypes,
+        with the manifests as given."""
         out = []
         for index, adapter in enumerate(self.adapters):
-            tensors = {name: self.tensors[f"{index}/{name}"].detach().to("cpu", tensor.dtype, copy=True)
-                       for name, tensor in adapter.tensors.items()}
+            tensors = {name: self.tensors[f"{index}/{name}"].detach().to("cpu", to_torch(array).dtype, copy=True)
+                       for name, array in adapter.tensors.items()}
             out.append(Adapter(copy.deepcopy(adapter.manifest), tensors))
         return out
 
@@ -131,38 +126,64 @@ def attach(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter], weight
     component's own weight). Refuses an adapter made for another base (fingerprint) unless ``force``. The model's
     own parameters are left as they are (freeze them yourself to train only the adapters)."""
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
-    weights = _weights(adapters, weights)
+    weights = check_weights(weights, len(adapters))
     handle = AttachedAdapters(model, adapters, trainable)
     for index, adapter in enumerate(adapters):
-        replaced = [handle.resolve(c.name, t) for c in adapter.components if c.kind == "full" for t in c.targets]
+        replaced = [handle.resolve(c.name, t) for c in adapter.components for t in get_kind(c.kind).replaced_targets(c)]
         check_base(adapter, model, f"adapter {index} ({adapter.manifest.base_model.id or 'no base id'})", force,
-                   replaced=replaced, also_exclude=_attached_parameter_names(model))
+                   replaced=replaced)
     try:
         for index, (adapter, weight) in enumerate(zip(adapters, weights)):
             for component in adapter.components:
-                tensors = adapter.component_tensors(component.name)
-                _attacher(component.kind)(handle, index, component, tensors, weight * component.weight)
+                _attach_component(handle, index, component, adapter.component_tensors(component.name),
+                                  weight * component.weight)
     except BaseException:
         handle.detach()
         raise
     return handle
 
 
-def _attacher(kind: str):
-    """The ``attach(handle, index, component, tensors, weight)`` function of a kind's module in this package."""
-    if kind not in ATTACHABLE:
-        raise AdapterError(f"adapters of kind {kind!r} cannot be attached (attachable: {', '.join(ATTACHABLE)})")
-    return importlib.import_module(f"adapterkit.attach.{kind}").attach
+def _attach_component(handle: AttachedAdapters, index: int, component: Component,
+                      tensors: Mapping[str, Mapping[str, np.ndarray]], weight: float) -> None:
+    kind = get_kind(component.kind)
+    if not kind.weighted and weight != 1:
+        raise RequestError(f"component {component.name!r} is a {kind.name} with weight {weight:g}: "
+                           f"it cannot be weighted ({kind.unweighted_reason}); attach it with weight 1")
+    runtime = kind.runtime
+    for target in component.targets:
+        path = handle.resolve(component.name, target)
+        module = handle.model.get_submodule(path)
+        roles = tensors[target]
+        runtime.check_fits(module, path, component, target, roles)
+        scale = runtime.scale(component, target, roles, weight)
+        folded = runtime.fold(component, target, roles, weight)
+        bad = next((role for role, tensor in folded.items() if not bool(torch.isfinite(tensor).all())), None)
+        if bad is not None:
+            raise RequestError(f"component {component.name!r}, target {target!r}: {bad} times its scale {scale:g} "
+                               "is not finite in float32; the weight or alpha is too large")
+        like = _like(module)
+        parameters = {role: _parameter(array, like, handle.trainable) for role, array in roles.items()}
+        for role, parameter in parameters.items():
+            handle.tensors[f"{index}/{component.name}.{target}.{role}"] = parameter
+        handle.install(runtime, path, f"{index}_{component.name}", AdapterTensors(parameters), scale)
 
 
-def _attached_parameter_names(model: torch.nn.Module) -> list[str]:
-    """Parameters that adapters attached earlier added to ``model`` (not part of the base)."""
-    from adapterkit.attach.prefix import PrefixKV
+def _like(module: torch.nn.Module) -> torch.Tensor | None:
+    """A tensor of the module whose device and float dtype the adapter's tensors take."""
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
 
-    names = []
-    for path, module in model.named_modules():
-        if isinstance(module, AdapterWrapper):
-            names += [f"{path}.{name}" for name, _ in module.adapter_parameters()]
-        elif isinstance(module, PrefixKV):
-            names.append(path)
-    return names
+
+def _parameter(array: np.ndarray, like: torch.Tensor | None, trainable: bool) -> torch.nn.Parameter:
+    """A fresh ``nn.Parameter`` holding a copy of an adapter tensor, on the device (and in the dtype) of ``like``. The
+    adapter's own tensor is never changed."""
+    tensor = to_torch(array)
+    if like is not None:
+        tensor = tensor.to(device=like.device, dtype=like.dtype)
+    parameter = torch.nn.Parameter(tensor.detach().clone(), requires_grad=trainable)
+    setattr(parameter, ADAPTER_PARAMETER, True)
+    return parameter
+
+
+def is_adapter_parameter(parameter: torch.Tensor) -> bool:
+    return bool(getattr(parameter, ADAPTER_PARAMETER, False))
+

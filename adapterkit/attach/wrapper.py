@@ -1,17 +1,66 @@
-"""The common shape of the modules that attach swaps in: the original module kept whole as ``base``, the adapter's
-parameters beside it. Detach puts ``base`` back where the wrapper stood, so the model gets its own objects back."""
+"""The module attach (and the ONNX export) swaps in around a base module: the original kept whole as ``base``, and the
+entries of every kind that acts on it, run in attach order.
+
+    x → before₁ → before₂ → … → base → after₁ → after₂ → … → y
+
+Each entry is a kind's runtime (its forward function), where its tensors come from (trainable parameters for
+attach, graph inputs for the export) and the scale it applies. Detach puts ``base`` back where the wrapper stood, so
+the model gets its own objects back.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+#: marks the parameters adapterkit adds to a model (they are not part of the base: the fingerprint leaves them out)
+ADAPTER_PARAMETER = "_adapterkit_adapter_parameter"
+
+
+class AdapterTensors(torch.nn.Module):
+    """Where an attached entry's tensors come from: its own parameters, one per role (``<module>.adapters.<key>.<role>``
+    in the model's state dict)."""
+
+    def __init__(self, parameters: dict[str, torch.nn.Parameter]):
+        super().__init__()
+        self.roles = list(parameters)
+        for role, parameter in parameters.items():
+            setattr(parameter, ADAPTER_PARAMETER, True)
+            self.register_parameter(role, parameter)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {role: getattr(self, role) for role in self.roles}
+
+
+@dataclass
+class Entry:
+    runtime: object  #: the kind's :class:`~adapterkit.kinds.runtime.Runtime`
+    source: object  #: has ``tensors() -> {role: tensor}``
+    scale: float
 
 
 class AdapterWrapper(torch.nn.Module):
     def __init__(self, base: torch.nn.Module):
         super().__init__()
         self.base = base
+        self.adapters = torch.nn.ModuleDict()  # the sources that are modules (parameters), by entry key
+        self.entries: list[Entry] = []
+
+    def add(self, key: str, runtime, source, scale: float) -> None:
+        if isinstance(source, torch.nn.Module):
+            self.adapters[key] = source
+        self.entries.append(Entry(runtime, source, scale))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        tensors = [entry.source.tensors() for entry in self.entries]
+        for entry, held in zip(self.entries, tensors):
+            x = entry.runtime.before(self.base, x, held, entry.scale)
+        y = self.base(x, *args, **kwargs)
+        for entry, held in zip(self.entries, tensors):
+            y = entry.runtime.after(self.base, x, y, held, entry.scale)
+        return y
 
     def __getattr__(self, name: str):
         # Code around the module still reads its attributes (``weight``, ``in_features``, ...): find them on base.
@@ -22,9 +71,7 @@ class AdapterWrapper(torch.nn.Module):
 
     def adapter_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """The parameters this wrapper added (not those of ``base``), with their names relative to the wrapper."""
-        for name, parameter in self.named_parameters():
-            if not name.startswith("base."):
-                yield name, parameter
+        return self.adapters.named_parameters(prefix="adapters")
 
 
 def innermost(module: torch.nn.Module) -> torch.nn.Module:

@@ -1,7 +1,14 @@
 """The ``adapterkit`` command line. Thin: each command parses its options, calls the library, and prints.
 
 Commands live one module per family in this package and are imported only when used, so ``adapterkit --help`` and
-``adapterkit inspect`` start fast. Any :class:`~adapterkit.AdapterError` becomes one line on stderr and exit 1.
+``adapterkit inspect`` start fast (``inspect``, ``validate``, ``compose``, ``convert`` and ``push``/``pull`` never
+import torch). Exit statuses:
+
+- 0: done;
+- 1: refused or failed, with one line on stderr naming the file and the problem (any
+  :class:`~adapterkit.errors.AdapterError`, and every OS error: no space, read-only, permission denied, ...);
+- 2: a usage error, the click way (a bad option or value, with the usage line), or ``internal error`` (a bug);
+- 128 + N: stopped by signal N (130 for Ctrl-C, 143 for SIGTERM), its temporary files removed.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import warnings
 import click
 
 from adapterkit import __version__
-from adapterkit.errors import AdapterError
+from adapterkit.errors import AdapterError, FileSystemError
+from adapterkit.io.outputs import Terminated
+from adapterkit.text import printable
 
 #: command name -> ("module:function" under adapterkit.cli, the summary ``adapterkit --help`` shows)
 COMMANDS = {
@@ -79,11 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="adapterkit", standalone_mode=False)
     except AdapterError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        _fail(exc, 1)
+    except OSError as exc:  # the operating system refused: one line naming the path, like every other refusal
+        _fail(FileSystemError.from_os_error(exc), 1)
+    except MemoryError:
+        _fail("not enough memory for this command (try a smaller batch, model or --dtype)", 1)
+    except Terminated as exc:
+        _fail(f"{exc}: stopped, temporary files removed", 128 + exc.signum)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _fail("interrupted: stopped, temporary files removed", 130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -92,5 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("ADAPTERKIT_DEBUG"):
             raise
-        click.echo(f"error: internal error: {type(exc).__name__}: {exc} (set ADAPTERKIT_DEBUG=1 for a traceback)", err=True)
-        sys.exit(2)
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set ADAPTERKIT_DEBUG=1 for a traceback)", 2)
+
+
+def _fail(message, status: int) -> None:
+    """One line on stderr, control characters escaped (a file's strings cannot forge a line), and exit."""
+    click.echo(f"error: {printable(message)}", err=True)
+    sys.exit(status)

@@ -1,4 +1,4 @@
-"""The ``compose`` command: combine adapters into one file (see :mod:`adapterkit.compose`)."""
+"""The ``compose`` command: combine adapters into one file (see :mod:`adapterkit.compose`). No torch is imported."""
 
 from __future__ import annotations
 
@@ -6,35 +6,36 @@ import os
 
 import click
 
-from adapterkit.cli.options import parse_weights
-
-from adapterkit.compose import METHODS, compose as compose_adapters
-from adapterkit.fileformat import save
+from adapterkit.cli.options import COUNT, WEIGHTS, Number, check_weight_count
+from adapterkit.compose import compose as compose_adapters
+from adapterkit.compose.methods import METHODS
+from adapterkit.io.adapter_file import save
+from adapterkit.io.digest import sha256_of
+from adapterkit.kinds import get_kind
 from adapterkit.sources import load_adapter, local_path
-from adapterkit.summary import sha256_of
 
 
 @click.command()
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--weights", help="Comma-separated weights, one per adapter (negative subtracts).  [default: 1 each]")
-@click.option("--method", default="concat", metavar="|".join(METHODS),
-              help="concat: exact, rank Σrᵢ. svd: compress to --rank/--tol from the factors. ties/dare: merge the "
-                   "dense deltas (needs --density), then compress.")
-@click.option("--rank", type=int, help="Rank of the result (svd, ties, dare).  [default: the largest input rank]")
-@click.option("--tol", type=float, help="Per target, the smallest rank whose relative Frobenius error is at most TOL.")
-@click.option("--density", type=float, help="ties/dare: fraction of each delta's entries to keep.")
-@click.option("--seed", type=int, default=0, help="dare: seed of the random drops.")
+@WEIGHTS
+@click.option("--method", type=click.Choice(list(METHODS)), default="concat",
+              help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + ".")
+@click.option("--rank", type=COUNT, help="Rank of the result (svd, ties, dare).  [default: the largest input rank]")
+@click.option("--tol", type=Number(0, 1, high_open=True),
+              help="Per target, the smallest rank whose relative Frobenius error is at most TOL (in [0, 1)).")
+@click.option("--density", type=Number(0, 1, low_open=True), help="ties/dare: fraction of each delta's entries to keep.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="dare: seed of the random drops.")
 @click.option("--name", default="composed", help="Name of the output component (NAME_<kind> for several kinds).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output adapter file.")
 def compose(adapters, weights, method, rank, tol, density, seed, name, output) -> None:
     """Combine ADAPTERS (paths or hf:// references) for one base model into one adapter file."""
+    check_weight_count(weights, len(adapters))
     paths = [local_path(ref) for ref in adapters]
     sources = [{"name": os.path.basename(ref.rstrip("/")) if not ref.startswith("hf://") else ref,
                 "sha256": sha256_of(path)} for ref, path in zip(adapters, paths)]
-    weights = parse_weights(weights, len(adapters))
     result = compose_adapters([load_adapter(path) for path in paths], weights, method, rank, tol, density, seed,
                               sources, name)
-    save(result, output)
+    save(result, output, inputs=paths)
     click.echo(f"wrote {output}: {', '.join(_component_line(result, c) for c in result.components)}")
     error = result.manifest.composition["error"]
     if error and error.get("per_target"):
@@ -45,7 +46,7 @@ def compose(adapters, weights, method, rank, tol, density, seed, name, output) -
 
 
 def _component_line(adapter, component) -> str:
-    if component.kind != "lora":
-        return f"{component.name} ({component.kind})"
-    ranks = sorted({int(roles["lora_A"].shape[0]) for roles in adapter.component_tensors(component.name).values()})
-    return f"{component.name} (lora, rank {'/'.join(map(str, ranks))}, {len(component.targets)} targets)"
+    kind = get_kind(component.kind)
+    entry = {"params": component.params, **kind.describe(component, adapter.component_tensors(component.name))}
+    detail = kind.detail(entry)
+    return f"{component.name} ({component.kind}{', ' + detail if detail else ''}, {len(component.targets)} targets)"

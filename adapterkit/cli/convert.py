@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import click
 
-from adapterkit.converters.registry import FORMATS, converter, detect_format
-from adapterkit.errors import AdapterError
-from adapterkit.fileformat import save
-from adapterkit.sources import load_adapter
+from adapterkit.converters.registry import FORMATS, converter, detect_format, readable, writable
+from adapterkit.errors import RequestError
+from adapterkit.io.adapter_file import save
+from adapterkit.sources import load_adapter, local_path
 
 
-@click.command()
+@click.command(help="Convert an adapter between formats; the input format is detected (adapterkit, "
+               + ", ".join(FORMATS) + ").")
 @click.argument("source")
-@click.option("--to", "target_format", type=click.Choice(["adapterkit", *FORMATS]), default=None,
+@click.option("--to", "target_format", type=click.Choice(["adapterkit", *writable()]), default=None,
               help="Output format [default: adapterkit for a foreign input; required for an adapterkit input].")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output file or folder.")
 @click.option("--base", type=click.Path(exists=True), default=None,
               help="Base model folder: some formats need it (e.g. to fingerprint a foreign adapter).")
 def convert(source: str, target_format: str | None, output: str, base: str | None) -> None:
-    """Convert an adapter between formats; the input format is detected."""
     source_format = detect_format(source)
+    inputs = [source, *([base] if base else [])]
     if source_format == "adapterkit":
         if target_format in (None, "adapterkit"):
-            raise AdapterError("the input is already an adapterkit file: say --to FORMAT", source)
-        converter(target_format).write(load_adapter(source), output, base=base)
+            raise RequestError(f"the input is already an adapterkit file: say --to {'|'.join(writable())}", source)
+        path = local_path(source)
+        converter(target_format).write(load_adapter(path), output, base=base, inputs=[path, *inputs])
     else:
         if target_format not in (None, "adapterkit"):
-            raise AdapterError(f"converting {source_format} to {target_format}: go through adapterkit first", source)
-        save(converter(source_format).read(source, base=base), output)
+            raise RequestError(f"converting {source_format} to {target_format}: convert to adapterkit first, then "
+                               f"--to {target_format}", source)
+        if source_format not in readable():
+            raise RequestError(f"{source_format} files can be written, not read", source)
+        save(converter(source_format).read(source, base=base), output, inputs=inputs)
     click.echo(f"wrote {output}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from adapterkit.cli.options import parse_weights
-from adapterkit.errors import AdapterError
-from adapterkit.sources import load_adapters
+from adapterkit.cli.options import FORCE, OVERWRITE, WEIGHTS, Number, check_weight_count
+from adapterkit.errors import RequestError
+from adapterkit.sources import local_path
 
 
 @click.command()
@@ -18,27 +18,30 @@ from adapterkit.sources import load_adapters
 @click.option("--unmerged", "mode", flag_value="unmerged",
               help="One graph with optional adapter inputs, plus one .onnx_adapter file per adapter to switch.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--weights", default=None, help="One weight per adapter, comma-separated, e.g. 0.7,0.3.")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
+@WEIGHTS
+@click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset [default: the exporter's].")
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch on sample inputs; exit 1 above --atol.")
-@click.option("--atol", type=float, default=1e-4, help="Largest absolute difference --verify accepts.")
-@click.option("--force", is_flag=True, help="Export even if an adapter was made for another base (fingerprint).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@click.option("--atol", type=Number(0, low_open=True), default=1e-4, help="Largest absolute difference --verify accepts.")
+@FORCE
+@OVERWRITE
 def export(base, adapters, mode, output, weights, opset, verify, atol, force, overwrite) -> None:
     """Export BASE with ADAPTERS (files or hf:// refs) to ONNX in OUTPUT: model.onnx, adapterkit.json and, with
     --unmerged, adapters/<name>.onnx_adapter for ONNX Runtime's adapter API."""
+    if mode is None:
+        raise click.UsageError("choose --merged or --unmerged")
+    check_weight_count(weights, len(adapters))
+    if mode == "merged" and not adapters:
+        raise RequestError("--merged needs at least one adapter (to export the base alone, use --unmerged)")
     from adapterkit.onnx import require_onnxruntime
 
     require_onnxruntime()
+    from adapterkit.io.adapter_file import load
     from adapterkit.onnx.export import adapter_names, export_onnx
 
-    if mode is None:
-        raise click.UsageError("choose --merged or --unmerged")
-    if mode == "merged" and not adapters:
-        raise AdapterError("--merged needs at least one adapter (to export the base alone, use --unmerged)")
-    exported = export_onnx(base, load_adapters(adapters), output, merged=mode == "merged",
-                           names=adapter_names(adapters), weights=parse_weights(weights, len(adapters)),
-                           opset=opset, force=force, overwrite=overwrite)
+    paths = [local_path(ref) for ref in adapters]
+    exported = export_onnx(base, [load(path) for path in paths], output, merged=mode == "merged",
+                           names=adapter_names(adapters), weights=weights, opset=opset, force=force,
+                           overwrite=overwrite, inputs=paths)
     click.echo(f"wrote {exported.folder} ({mode}, {len(adapters)} adapter{'' if len(adapters) == 1 else 's'})")
     if verify:
         from adapterkit.onnx.verify import verify as run_checks
@@ -49,5 +52,5 @@ def export(base, adapters, mode, output, weights, opset, verify, atol, force, ov
                        f"{'ok' if check.passed else 'FAILED'}")
         failed = [c for c in checks if not c.passed]
         if failed:
-            raise AdapterError(f"verification failed: {len(failed)} of {len(checks)} checks above atol {atol:g}")
+            raise RequestError(f"verification failed: {len(failed)} of {len(checks)} checks above atol {atol:g}")
         click.echo(f"verified: {'1 check' if len(checks) == 1 else f'all {len(checks)} checks'} within atol {atol:g}")

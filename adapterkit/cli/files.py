@@ -1,4 +1,4 @@
-"""Commands that look at files: inspect, validate, fingerprint."""
+"""Commands that look at files: inspect, validate, fingerprint. No torch is imported."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import os
 import click
 
 from adapterkit.errors import AdapterError
-from adapterkit.fingerprint import fingerprint
 from adapterkit.sources import load_adapter, local_path
 from adapterkit.summary import describe, describe_folder, render, render_folder
+from adapterkit.text import printable
 
 
 @click.command()
@@ -38,9 +38,9 @@ def validate(files: tuple[str, ...]) -> None:
             load_adapter(file)
         except AdapterError as exc:
             invalid += 1
-            click.echo(f"invalid: {exc}")
+            click.echo(f"invalid: {printable(exc)}")
         else:
-            click.echo(f"valid: {file}")
+            click.echo(f"valid: {printable(file)}")
     if invalid:
         raise SystemExit(1)
 
@@ -49,4 +49,6 @@ def validate(files: tuple[str, ...]) -> None:
 @click.argument("base", type=click.Path(exists=True))
 def fingerprint_command(base: str) -> None:
     """Print the fingerprint of a BASE model folder or safetensors checkpoint (spec §7)."""
+    from adapterkit.fingerprint import fingerprint
+
     click.echo(fingerprint(base))

@@ -1,18 +1,66 @@
-"""Options and parsing that several commands share."""
+"""Options that several commands share, declared once, and the click types every number goes through.
+
+Ranges are click types, so a bad option is refused before any work, the click way (a usage line and exit 2). The
+types call the library's one parser per kind of value (:mod:`adapterkit.values`), so the CLI and the library refuse
+the same values with the same words.
+"""
 
 from __future__ import annotations
 
-from adapterkit.errors import AdapterError
+import click
+
+from adapterkit import values
+from adapterkit.errors import RequestError
 
 
-def parse_weights(text: str | None, count: int) -> list[float] | None:
-    """``"0.7,0.3"`` -> ``[0.7, 0.3]``, one weight per adapter; ``None`` when the option was not given."""
-    if text is None:
-        return None
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise AdapterError(f"--weights {text!r} is not a comma-separated list of numbers") from None
-    if len(weights) != count:
-        raise AdapterError(f"--weights gives {len(weights)} weights for {count} adapters")
+class Number(click.ParamType):
+    """A finite number in ``[low, high]`` (an end excluded when ``*_open``)."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            return values.number(value, "the value", self.low, self.high, low_open=self.low_open,
+                                 high_open=self.high_open)
+        except RequestError as exc:
+            self.fail(exc.reason.removeprefix("the value "), param, ctx)
+
+
+class Weights(click.ParamType):
+    """``0.7,0.3``: one finite weight per adapter (the count is checked by :func:`check_weight_count`)."""
+
+    name = "weights"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return values.weights(value, "")
+        except RequestError as exc:
+            self.fail(exc.reason.strip(), param, ctx)
+
+
+def check_weight_count(weights: list[float] | None, adapters: int) -> list[float] | None:
+    """Refuse, the click way, a --weights that does not give one weight per adapter."""
+    if weights is not None and len(weights) != adapters:
+        raise click.BadParameter(f"gives {len(weights)} weights for {adapters} adapter{'s' if adapters != 1 else ''}",
+                                 param_hint="'--weights'")
     return weights
+
+
+COUNT = click.IntRange(min=1)
+WEIGHTS = click.option("--weights", type=Weights(), default=None,
+                       help="One weight per adapter, comma-separated, e.g. 0.7,0.3 (negative subtracts).  "
+                            "[default: 1 each]")
+FORCE = click.option("--force", is_flag=True, help="Go on even if an adapter was made for another base (fingerprint).")
+OVERWRITE = click.option("--overwrite", is_flag=True,
+                         help="Replace OUTPUT if it is a non-empty folder that adapterkit wrote.")
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE = click.option("--dtype", type=click.Choice(DTYPES), default=None,
+                     help="Dtype of the written weights [default: the checkpoint's].")

@@ -12,15 +12,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from adapterkit.fileformat import write_atomically
+from adapterkit.io.outputs import write_file_atomically
 
 #: the format's own versions of what the adapter is and which model it was made for
 ADAPTER_VERSION = 1
 MODEL_VERSION = 1
 
 
-def write_onnx_adapter(feeds: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write ``feeds`` (slot name -> tensor, see :func:`adapterkit.onnx.slots.adapter_feeds`) atomically."""
+def write_onnx_adapter(feeds: dict[str, torch.Tensor], path: str | os.PathLike, inputs=()) -> None:
+    """Write ``feeds`` (slot name -> tensor, see :func:`adapterkit.onnx.slots.adapter_feeds`) atomically, never over
+    one of ``inputs``."""
     arrays = {name: np.ascontiguousarray(tensor.detach().float().numpy()) for name, tensor in feeds.items()}
 
     def write(tmp: str) -> None:
@@ -30,7 +31,7 @@ def write_onnx_adapter(feeds: dict[str, torch.Tensor], path: str | os.PathLike) 
         adapter_format.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()})
         adapter_format.export_adapter(tmp)
 
-    write_atomically(path, write)
+    write_file_atomically(path, write, inputs=inputs)
 
 
 def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -24,13 +22,16 @@ from torch.export import Dim
 from tqdm.auto import tqdm
 
 from adapterkit.adapter import Adapter
-from adapterkit.errors import AdapterError
+from adapterkit.errors import FormatError, RequestError
 from adapterkit.fingerprint import check_base
+from adapterkit.io import outputs
+from adapterkit.kinds import get_kind
 from adapterkit.merge import merge_into_model
 from adapterkit.onnx.adapter_files import write_onnx_adapter
 from adapterkit.onnx.exportable import ExportableModel, output_name, slot_defaults
 from adapterkit.onnx.graph import add_defaults, io_description
-from adapterkit.onnx.slots import DYNAMIC_AXIS, adapter_feeds, role_of
+from adapterkit.onnx.slots import adapter_feeds, split_slot
+from adapterkit.values import check_weights
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ def load_base(folder: str | os.PathLike) -> torch.nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
-        raise AdapterError(f"not a Hugging Face model folder: {exc}", folder) from None
+        raise FormatError(f"not a Hugging Face model folder ({exc})", folder) from None
     architecture = (config.architectures or [None])[0]
     model_class = getattr(transformers, architecture or "", None)
     if model_class is None:
-        raise AdapterError(f"config.json names architecture {architecture!r}, which transformers does not know", folder)
+        raise FormatError(f"config.json names architecture {architecture!r}, which transformers does not know", folder)
     model = model_class.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval()
 
@@ -81,34 +82,28 @@ def adapter_names(refs: Sequence[str]) -> list[str]:
 
 def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, merged: bool,
                 names: Sequence[str] | None = None, weights: Sequence[float] | None = None, opset: int | None = None,
-                force: bool = False, overwrite: bool = False) -> Exported:
-    """Export ``base`` (a Hugging Face folder) with ``adapters`` to the folder ``output``; see the module docstring."""
-    output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise AdapterError("output folder exists and is not empty (use --overwrite)", output)
+                force: bool = False, overwrite: bool = False, inputs: Sequence = ()) -> Exported:
+    """Export ``base`` (a Hugging Face folder) with ``adapters`` to the folder ``output``; see the module docstring.
+    ``inputs`` names the adapters' files (the output may not overlap them, nor the base)."""
     names = list(names or [f"adapter_{i}" for i in range(len(adapters))])
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(names) != len(adapters) or len(weights) != len(adapters):
-        raise AdapterError(f"{len(adapters)} adapters but {len(names)} names and {len(weights)} weights")
-    model = load_base(base)
-    for name, adapter in zip(names, adapters):
-        check_base(adapter, model, f"adapter {name!r}", force)
-
-    feeds: dict[str, dict[str, torch.Tensor]] = {}
-    if merged:
-        merge_into_model(model, adapters, weights, force=True)  # the base was checked above
-        torch_model = ExportableModel(model, {})
-    else:
-        modules = [n for n, _ in model.named_modules()]
-        feeds = {name: adapter_feeds(adapter, weight, modules) for name, adapter, weight in zip(names, adapters, weights)}
-        examples = {slot: tensor for adapter_feed in feeds.values() for slot, tensor in adapter_feed.items()}
-        torch_model = ExportableModel(model, slot_defaults(model, examples))
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))  # renamed into place at the end
-    progress = tqdm(total=2 + len(adapters), desc="export", unit="step", disable=None)
-    try:
-        with progress:
+    weights = check_weights(weights, len(adapters))
+    if len(names) != len(adapters):
+        raise RequestError(f"{len(adapters)} adapters but {len(names)} names")
+    with outputs.output(output, inputs=[base, *inputs], folder=True, overwrite=overwrite,
+                        owned=[DESCRIPTION]) as staging:
+        model = load_base(base)
+        for name, adapter in zip(names, adapters):
+            check_base(adapter, model, f"adapter {name!r}", force)
+        feeds: dict[str, dict[str, torch.Tensor]] = {}
+        if merged:
+            merge_into_model(model, adapters, weights, force=True)  # the base was checked above
+            torch_model = ExportableModel(model, {})
+        else:
+            feeds = {name: adapter_feeds(adapter, weight, model)
+                     for name, adapter, weight in zip(names, adapters, weights)}
+            examples = {slot: tensor for adapter_feed in feeds.values() for slot, tensor in adapter_feed.items()}
+            torch_model = ExportableModel(model, slot_defaults(model, examples))
+        with tqdm(total=2 + len(adapters), desc="export", unit="step", disable=None) as progress:
             progress.set_postfix_str("tracing")
             onnx_model = _trace(torch_model, model, opset)
             progress.update()
@@ -120,6 +115,7 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
                 entry = {"name": name, "kinds": adapter.manifest.kinds}
                 if not merged:
                     entry["file"] = f"adapters/{name}.onnx_adapter"
+                    (staging / "adapters").mkdir(exist_ok=True)
                     write_onnx_adapter(feeds[name], staging / entry["file"])
                 described.append(entry)
                 progress.update()
@@ -136,14 +132,8 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
             "weights": weights,
         }
         (staging / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("exported %s (%s, %d adapters)", output, description["mode"], len(adapters))
-    return Exported(output, merged, torch_model, description, dict(zip(names, zip(adapters, weights))))
+    return Exported(Path(output), merged, torch_model, description, dict(zip(names, zip(adapters, weights))))
 
 
 def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | None) -> onnx.ModelProto:
@@ -155,14 +145,15 @@ def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | No
     batch, sequence = Dim("batch"), Dim("sequence")
     slot_examples, slot_shapes, slot_dims = [], [], {}
     for number, name in enumerate(torch_model.slot_names):
-        default, role = torch_model.defaults[name], role_of(name)
-        axis = DYNAMIC_AXIS.get(role)
+        default = torch_model.defaults[name]
+        module, kind, role = split_slot(name)
+        axis = get_kind(kind).runtime.dynamic_axes.get(role)
         if axis is None:
             slot_examples.append(default)
             slot_shapes.append(None)
             continue
-        module = name.rpartition(".")[0]  # A and B (key and value) of one module share their dim
-        dim = slot_dims.setdefault(module, Dim(f"{'lora_r' if role.startswith('lora') else 'prefix_length'}_{number}"))
+        # the roles of one (module, kind) share their dim: LoRA's A and B their rank, a prefix's keys and values p
+        dim = slot_dims.setdefault((module, kind), Dim(f"{kind}_{number}"))
         shape = list(default.shape)
         shape[axis] = EXAMPLE_SLOT
         slot_examples.append(torch.randn(shape, generator=generator) * 0.01)

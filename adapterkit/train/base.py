@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterkit.errors import AdapterError
+from adapterkit.errors import FileSystemError, FormatError, RequestError
 from adapterkit.fingerprint import fingerprint
 from adapterkit.manifest import BaseModel
 
@@ -37,13 +37,13 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise AdapterError(f"{path}: the base must be a Hugging Face model folder")
+        raise FileSystemError("the base must be a Hugging Face model folder", path)
     if task not in TASKS:
-        raise AdapterError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        raise RequestError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     options = {}
     if task == "classify":
         if not labels:
-            raise AdapterError(f"{path}: classification needs labels")
+            raise RequestError("classification needs labels", path)
         options = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                    "label2id": {label: i for i, label in enumerate(labels)}}
     model_class = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
@@ -52,7 +52,7 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
         model, info = model_class.from_pretrained(path, output_loading_info=True, dtype=torch.float32, **options)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise AdapterError(f"{path}: cannot load the base model for {task}: {exc}") from None
+        raise FormatError(f"cannot load the base model for {task}: {exc}", path) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     parameters = dict(model.named_parameters())

@@ -21,13 +21,14 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from adapterkit.errors import AdapterError
-from adapterkit.fileformat import save, write_atomically
+from adapterkit.errors import RequestError
+from adapterkit.io.adapter_file import save
+from adapterkit.io.outputs import output
 
+RESULTS, PLOT = "compare.json", "compare.png"
 LATENCY_RUNS = 20
 LATENCY_ROUNDS = 3
 COLUMNS = [  # (key, heading, format)
@@ -101,25 +102,28 @@ def measure(base: str, config, output: str) -> dict:
     }
 
 
-def compare(base: str, config, methods: list[str], out_dir: str, progress=None) -> list[dict]:
+def compare(base: str, config, methods: list[str], out_dir: str, progress=None, overwrite: bool = False
+            ) -> list[dict]:
     """Train every method of ``methods`` with ``config`` (its ``method`` replaced), each in a fresh process; write
-    ``compare.json`` and the adapters into ``out_dir`` and return one row per method. ``progress(method)`` is called
-    before each."""
-    os.makedirs(out_dir, exist_ok=True)
+    the adapters, ``compare.json`` and ``compare.png`` into ``out_dir`` (all at once, through the output discipline)
+    and return one row per method. ``progress(method)`` is called before each."""
+    config = config.checked()
+    inputs = [base, config.data, *([config.eval_data] if config.eval_data else [])]
     rows = []
-    for method in methods:
-        if progress is not None:
-            progress(method)
-        job = {"base": os.fspath(base), "config": dataclasses.asdict(dataclasses.replace(config, method=method)),
-               "output": os.path.join(out_dir, f"{method}.safetensors")}
-        done = subprocess.run([sys.executable, "-m", "adapterkit.train.compare", json.dumps(job)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise AdapterError(f"training {method} for the comparison failed: {last}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    write_atomically(os.path.join(out_dir, "compare.json"),
-                     lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n"))
+    with output(out_dir, inputs=inputs, folder=True, overwrite=overwrite, owned=[RESULTS]) as folder:
+        for method in methods:
+            if progress is not None:
+                progress(method)
+            job = {"base": os.fspath(base), "config": dataclasses.asdict(dataclasses.replace(config, method=method)),
+                   "output": os.fspath(folder / f"{method}.safetensors")}
+            done = subprocess.run([sys.executable, "-m", "adapterkit.train.compare", json.dumps(job)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RequestError(f"training {method} for the comparison failed: {last}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        (folder / RESULTS).write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+        plot(rows, folder / PLOT)
     return rows
 
 
@@ -138,15 +142,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells)
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """Five bar charts, one per criterion, side by side."""
+def plot(rows: list[dict], path) -> None:
+    """Five bar charts, one per criterion, side by side, saved as a PNG at ``path``."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise AdapterError("the comparison plot needs matplotlib: pip install matplotlib (or adapterkit[dev])") from None
+        raise RequestError("the comparison plot needs matplotlib: pip install matplotlib (or adapterkit[dev])") from None
     methods = [row["method"] for row in rows]
     quality_key = "accuracy" if all("accuracy" in (r.get("eval") or {}) for r in rows) else "loss"
     panels = [
@@ -162,7 +166,7 @@ def plot(rows: list[dict], path: str) -> None:
         axis.set_title(title, fontsize=10)
         axis.tick_params(axis="x", labelrotation=30)
     figure.tight_layout()
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    figure.savefig(path, format="png", dpi=100)
     plt.close(figure)
 
 

@@ -17,37 +17,42 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterkit.errors import AdapterError
+from adapterkit.errors import FormatError
+from adapterkit.io.paths import open_regular
 
-OPENERS = {".gz": gzip.open, ".bz2": bz2.open}
+#: decompressors by suffix, each wrapping an open binary file
+DECOMPRESSORS = {".gz": lambda raw: gzip.GzipFile(fileobj=raw), ".bz2": bz2.BZ2File}
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
     """The records of a ``.jsonl`` or ``.csv`` file, each optionally compressed with gzip or bzip2."""
     path = os.fspath(path)
     stem, compression = os.path.splitext(path)
-    opener = OPENERS.get(compression.lower())
-    if opener is None:
-        stem, opener = path, open
+    decompress = DECOMPRESSORS.get(compression.lower())
+    if decompress is None:
+        stem = path
     form = os.path.splitext(stem)[1].lower()
     if form not in (".jsonl", ".csv"):
-        raise AdapterError(f"{path}: training data must be .jsonl or .csv (optionally .gz or .bz2)")
+        raise FormatError("training data must be .jsonl or .csv (optionally .gz or .bz2)", path)
     try:
-        with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
-            if form == ".csv":
-                return list(csv.DictReader(text))
-            return [_json_line(path, number, line) for number, line in enumerate(text, 1) if line.strip()]
+        with open_regular(path) as raw_file:
+            raw = decompress(raw_file) if decompress else raw_file
+            # utf-8-sig: a byte-order mark at the start (as spreadsheet programs write) is read, not kept
+            with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
+                if form == ".csv":
+                    return list(csv.DictReader(text))
+                return [_json_line(path, number, line) for number, line in enumerate(text, 1) if line.strip()]
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
-        raise AdapterError(f"{path}: cannot read training data: {exc}") from None
+        raise FormatError(f"cannot read training data: {type(exc).__name__}: {exc}", path) from None
 
 
 def _json_line(path: str, number: int, line: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path}: line {number} is not JSON: {exc.msg}") from None
+        raise FormatError(f"line {number} is not JSON: {exc.msg}", path) from None
     if not isinstance(record, dict):
-        raise AdapterError(f"{path}: line {number} is not a JSON object")
+        raise FormatError(f"line {number} is not a JSON object", path)
     return record
 
 
@@ -68,12 +73,12 @@ def load_examples(path, text_field: str = "text", label_field: str | None = None
     """Read ``path``; with ``label_field``, map labels to ids through ``labels`` (or the sorted distinct labels)."""
     records = read_records(path)
     if not records:
-        raise AdapterError(f"{path}: no records")
+        raise FormatError("no records", path)
     fields = [text_field] + ([label_field] if label_field else [])
     for number, record in enumerate(records, 1):
         for name in fields:
             if record.get(name) in (None, ""):
-                raise AdapterError(f"{path}: record {number} has no field {name!r}")
+                raise FormatError(f"record {number} has no field {name!r}", path)
     texts = [str(r[text_field]) for r in records]
     if not label_field:
         return Examples(texts)
@@ -81,7 +86,7 @@ def load_examples(path, text_field: str = "text", label_field: str | None = None
     labels = list(labels) if labels is not None else sorted(set(values))
     unknown = sorted(set(values) - set(labels))
     if unknown:
-        raise AdapterError(f"{path}: label {unknown[0]!r} is not among the trained labels {labels}")
+        raise FormatError(f"label {unknown[0]!r} is not among the trained labels {labels}", path)
     index = {label: i for i, label in enumerate(labels)}
     return Examples(texts, [index[v] for v in values], labels)
 

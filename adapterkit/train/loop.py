@@ -12,6 +12,7 @@ float rounding), as long as the model has no dropout. Only rank 0 shows progress
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -26,18 +27,17 @@ from tqdm.auto import tqdm
 
 from adapterkit.adapter import Adapter
 from adapterkit.attach import attach
-from adapterkit.errors import AdapterError
+from adapterkit.errors import RequestError
+from adapterkit.io.digest import sha256_of
+from adapterkit.kinds import get_kind
 from adapterkit.manifest import Manifest
 from adapterkit.train.base import base_record, load_base
-from adapterkit.summary import sha256_of
 from adapterkit.train.data import Collator, load_examples
 from adapterkit.train.evaluate import evaluate, example_losses
-from adapterkit.train.init import new_components
+from adapterkit.train.init import new_components, option_defaults
+from adapterkit.values import count, number
 
 log = logging.getLogger(__name__)
-
-#: learning rates that work for each method on small models (prefix tuning needs a larger one, Li & Liang 2021)
-DEFAULT_LR = {"lora": 1e-3, "bitfit": 1e-3, "prefix": 1e-2, "full": 1e-4}
 
 
 @dataclass
@@ -49,14 +49,28 @@ class TrainConfig:
     text_field: str = "text"
     label_field: str = "label"
     targets: list[str] | None = None
-    rank: int = 8
-    alpha: float = 16.0
-    prefix_length: int = 8
+    #: the kinds' hyper-parameters (rank, alpha, prefix_length, ...): missing ones take their defaults
+    options: dict = field(default_factory=dict)
     epochs: int = 1
     steps: int | None = None  # overrides epochs
-    lr: float | None = None  # None: DEFAULT_LR[method]
+    lr: float | None = None  # None: the method's default (its kind's default_lr)
     batch_size: int = 16  # global: split across processes
     seed: int = 0
+
+    def checked(self) -> "TrainConfig":
+        """This config with every number checked (counts ≥ 1, finite rates in range) before any work starts."""
+        options = {**option_defaults(), **self.options}
+        for kind_option in (o for kind in [get_kind(self.method)] for o in kind.train_options):
+            value = options[kind_option.name]
+            options[kind_option.name] = (count(value, f"--{kind_option.name.replace('_', '-')}")
+                                         if kind_option.kind == "count" else
+                                         number(value, f"--{kind_option.name.replace('_', '-')}", kind_option.low,
+                                                kind_option.high))
+        return dataclasses.replace(
+            self, options=options, epochs=count(self.epochs, "--epochs"),
+            steps=None if self.steps is None else count(self.steps, "--steps"),
+            lr=None if self.lr is None else number(self.lr, "--lr", 0, 10, low_open=True),
+            batch_size=count(self.batch_size, "--batch-size"), seed=count(self.seed, "--seed", low=0))
 
 
 @dataclass
@@ -112,22 +126,23 @@ def sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
 def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: bool = True) -> TrainResult:
     """Train a new ``config.method`` adapter on the base model folder ``base``. ``on_eval(epoch, metrics)`` is called
     on rank 0 after each epoch's evaluation."""
+    config = config.checked()
     labels_field = config.label_field if config.task == "classify" else None
     examples = load_examples(config.data, config.text_field, labels_field)
     eval_examples = (load_examples(config.eval_data, config.text_field, labels_field, examples.labels)
                      if config.eval_data else None)
-    lr = config.lr if config.lr is not None else DEFAULT_LR.get(config.method, 1e-3)
+    lr = config.lr if config.lr is not None else get_kind(config.method).default_lr
     with processes() as procs:
         if config.batch_size % procs.world_size:
-            raise AdapterError(f"batch size {config.batch_size} does not split evenly over {procs.world_size} processes")
+            raise RequestError(f"batch size {config.batch_size} does not split evenly over {procs.world_size} "
+                               "processes")
         loaded = load_base(base, config.task, examples.labels, config.seed)
         model = loaded.model.to(procs.device).requires_grad_(False).train()
         components, tensors = new_components(
-            model, config.method, targets=config.targets, rank=config.rank, alpha=config.alpha,
-            prefix_length=config.prefix_length, head=loaded.head,
+            model, config.method, targets=config.targets, options=config.options, head=loaded.head,
             generator=torch.Generator().manual_seed(config.seed))
         base_model = base_record(base, loaded.head)
-        if config.method == "full":  # every base tensor is replaced: there is no base left to check against
+        if get_kind(config.method).replaces:  # every base tensor is replaced: there is no base left to check
             base_model.fingerprint = None
         adapter = Adapter(Manifest(components=components, base_model=base_model), tensors)
         handle = attach(model, adapter, trainable=True)  # also checks the model against the folder's fingerprint
@@ -139,8 +154,8 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
         loader = DataLoader(range(len(examples)), batch_size=config.batch_size // procs.world_size, sampler=sampler,
                             collate_fn=Collator(examples, loaded.tokenizer), drop_last=True)
         if len(loader) == 0:
-            raise AdapterError(f"{config.data}: {len(examples)} examples make no batch of {config.batch_size}: "
-                               "pass a smaller --batch-size")
+            raise RequestError(f"{len(examples)} examples make no batch of {config.batch_size}: pass a smaller "
+                               "--batch-size", config.data)
         total_steps = config.steps or config.epochs * len(loader)
         epochs = math.ceil(total_steps / len(loader))
         main = procs.rank == 0

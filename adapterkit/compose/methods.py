@@ -1,0 +1,175 @@
+"""How LoRA updates of one target combine: a registry of composition methods, one function and its options each.
+
+Every method takes *terms*: ``(A, B, c)`` triples with A of shape [r, in], B of shape [out, r] and a coefficient
+c = wᵢ·sᵢ (the input's weight times its LoRA scale), standing for the update c·B·A in the math layout [out, in], and
+returns factors :class:`LowRank` of the combined update.
+
+- ``concat`` is exact: Σ cᵢ Bᵢ Aᵢ = [c₁B₁ … cₙBₙ] · [A₁; …; Aₙ], of rank R = Σ rᵢ.
+- ``svd`` truncates that sum to a lower rank *without forming the [out, in] matrix*: with the thin QR
+  factorisations B = Q_B R_B and Aᵀ = Q_A R_A, B·A = Q_B (R_B R_Aᵀ) Q_Aᵀ, so the SVD of the small R×R core
+  R_B R_Aᵀ = U Σ Vᵀ gives the SVD of B·A = (Q_B U) Σ (Q_A V)ᵀ in O((out+in)·R² + R³) operations.
+- ``ties`` and ``dare`` are defined on the dense deltas (the papers' task vectors), so they form the [out, in] matrix
+  of each input, then re-factorise the result by SVD.
+
+By Eckart-Young, keeping the top r singular values is the best rank-r approximation in Frobenius norm, and the error
+is exactly the norm of the discarded ones: ‖ΔW − ΔW_r‖_F = √(Σ_{i>r} σᵢ²). Both factors get √σ ("balanced" split).
+All of it runs in float64 numpy; callers store the factors in float32.
+
+Adding a method: one function ``(terms, request, rng) -> LowRank`` and one :data:`METHODS` entry naming its options.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from adapterkit.errors import RequestError
+
+Term = tuple[np.ndarray, np.ndarray, float]
+
+
+@dataclass
+class LowRank:
+    """Factors of a (possibly truncated) update, with how far the truncation is from the exact one."""
+
+    a: np.ndarray  #: [rank, in]
+    b: np.ndarray  #: [out, rank]
+    absolute_error: float = 0.0  #: ‖ΔW − B·A‖_F
+    norm: float = 0.0  #: ‖ΔW‖_F of the exact update
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def relative_error(self) -> float:
+        return self.absolute_error / self.norm if self.norm > 0 else 0.0
+
+
+def _f64(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array, dtype=np.float64)
+
+
+def concatenate(terms: Sequence[Term]) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with B·A = Σ cᵢ Bᵢ Aᵢ exactly: the coefficients are folded into B."""
+    a = np.concatenate([_f64(a) for a, _, _ in terms], axis=0)
+    b = np.concatenate([_f64(b) * c for _, b, c in terms], axis=1)
+    return a, b
+
+
+def dense_deltas(terms: Sequence[Term]) -> list[np.ndarray]:
+    """Each term's cᵢ·Bᵢ·Aᵢ as an [out, in] matrix (for the methods defined on dense deltas)."""
+    return [(_f64(b) @ _f64(a)) * c for a, b, c in terms]
+
+
+def compress_factors(a: np.ndarray, b: np.ndarray, rank: int | None = None, tol: float | None = None) -> LowRank:
+    """Best approximation of B·A of rank ``rank`` (or the smallest rank with relative error ≤ ``tol``), from the
+    factors alone."""
+    q_b, r_b = np.linalg.qr(_f64(b))  # [out, m], [m, R]
+    q_a, r_a = np.linalg.qr(_f64(a).T)  # [in, n], [n, R]
+    u, sigma, v_t = np.linalg.svd(r_b @ r_a.T, full_matrices=False)  # the small core, at most R×R
+    return _truncate(q_b @ u, sigma, v_t @ q_a.T, rank, tol)
+
+
+def compress_dense(delta: np.ndarray, rank: int | None = None, tol: float | None = None) -> LowRank:
+    """Best approximation of the [out, in] matrix ``delta`` of rank ``rank`` (or meeting ``tol``)."""
+    u, sigma, v_t = np.linalg.svd(_f64(delta), full_matrices=False)
+    return _truncate(u, sigma, v_t, rank, tol)
+
+
+def chosen_rank(sigma: np.ndarray, rank: int | None, tol: float | None) -> int:
+    """``rank`` (at most the number of singular values), or the smallest rank ≥ 1 whose discarded singular values
+    have a norm ≤ tol·‖σ‖."""
+    if tol is None:
+        return max(1, min(int(rank), sigma.size))
+    energy = np.square(sigma)
+    # tail[r] = Σ_{i≥r} σᵢ², the squared error of keeping the first r values (tail[len] = 0)
+    tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
+    allowed = (tol * math.sqrt(float(energy.sum()))) ** 2
+    return max(1, int(np.flatnonzero(tail <= allowed)[0]))
+
+
+def _truncate(left: np.ndarray, sigma: np.ndarray, right_t: np.ndarray, rank, tol) -> LowRank:
+    r = chosen_rank(sigma, rank, tol)
+    root = np.sqrt(sigma[:r])
+    return LowRank(a=root[:, None] * right_t[:r], b=left[:, :r] * root,
+                   absolute_error=math.sqrt(float(np.square(sigma[r:]).sum())),
+                   norm=math.sqrt(float(np.square(sigma).sum())))
+
+
+def keep_largest(delta: np.ndarray, density: float) -> np.ndarray:
+    """``delta`` with all but its ⌊density·n⌋ largest-magnitude entries set to zero (TIES step 1, "trim")."""
+    keep = int(density * delta.size)
+    mask = np.zeros(delta.size, dtype=bool)
+    if keep:
+        mask[np.argpartition(np.abs(delta).reshape(-1), delta.size - keep)[delta.size - keep:]] = True
+    return delta * mask.reshape(delta.shape)
+
+
+def ties_delta(deltas: Sequence[np.ndarray], density: float) -> np.ndarray:
+    """TIES-Merging (Yadav et al. 2023, §3): trim each weighted delta to its top-``density`` magnitudes, elect a sign
+    per entry from the sum of the trimmed deltas, and average, per entry, the trimmed values that agree with it."""
+    trimmed = np.stack([keep_largest(d, density) for d in deltas])
+    elected = np.where(trimmed.sum(axis=0) >= 0, 1.0, -1.0)
+    agrees = np.sign(trimmed) == elected  # zeros (trimmed away) never agree
+    return (trimmed * agrees).sum(axis=0) / np.maximum(agrees.sum(axis=0), 1)
+
+
+def dare_delta(deltas: Sequence[np.ndarray], density: float, rng: np.random.Generator) -> np.ndarray:
+    """DARE (Yu et al. 2023, "Language Models are Super Mario", eq. 2): drop each entry of each delta with
+    probability 1 − density, rescale the kept ones by 1/density so the expectation is unchanged, and add."""
+    total = np.zeros_like(deltas[0])
+    for delta in deltas:
+        kept = rng.random(delta.shape) < density
+        total += delta * kept / density
+    return total
+
+
+# -- the methods --------------------------------------------------------------------------------------------------------
+
+
+def _concat(terms, request, rng) -> LowRank:
+    return LowRank(*concatenate(terms))
+
+
+def _svd(terms, request, rng) -> LowRank:
+    return compress_factors(*concatenate(terms), rank=request.rank, tol=request.tol)
+
+
+def _ties(terms, request, rng) -> LowRank:
+    return compress_dense(ties_delta(dense_deltas(terms), request.density), rank=request.rank, tol=request.tol)
+
+
+def _dare(terms, request, rng) -> LowRank:
+    return compress_dense(dare_delta(dense_deltas(terms), request.density, rng), rank=request.rank, tol=request.tol)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    help: str
+    combine: Callable  #: (terms, request, rng) -> LowRank
+    exact: bool = False
+    #: the request's options it reads (rank, tol, density, seed); ``required`` must be given
+    options: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("concat", "exact, rank Σrᵢ", _concat, exact=True),
+    Method("svd", "compress to --rank/--tol from the factors, never forming ΔW", _svd, options=("rank", "tol")),
+    Method("ties", "TIES-Merging of the dense deltas (needs --density), then compress", _ties,
+           options=("rank", "tol", "density"), required=("density",)),
+    Method("dare", "DARE drop-and-rescale of the dense deltas (needs --density), then compress", _dare,
+           options=("rank", "tol", "density", "seed"), required=("density",)),
+)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise RequestError(f"unknown composition method {name!r} (known: {', '.join(METHODS)})") from None

@@ -1,0 +1,98 @@
+"""Full tensors in torch (a task head, PEFT's ``modules_to_save``): each takes the place of the module's parameter of
+the same name through a parametrization (``torch.nn.utils.parametrize``) that returns the entry's tensor, or becomes a
+new parameter where the module has none (a bias the base lacked). Detach removes the parametrization, which gives
+the module its own parameter object back, or removes the added one. Merge copies the tensor over the base's; it
+cannot be unmerged (the base's tensor is gone from the merged weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils import parametrize
+
+from adapterkit import targets
+from adapterkit.arrays import to_torch
+from adapterkit.attach.wrapper import ADAPTER_PARAMETER, innermost
+from adapterkit.errors import RequestError
+from adapterkit.kinds.runtime import Runtime
+
+
+class Replaced(torch.nn.Module):
+    """A parametrization that replaces a module's parameter by an entry's tensor of that name."""
+
+    def __init__(self, source, name: str):
+        super().__init__()
+        self.name = name
+        if isinstance(source, torch.nn.Module):
+            self.adapter = source
+        self.source = source
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.source.tensors()[self.name]
+
+
+def _unparametrize(module: torch.nn.Module, name: str, order: list[str]) -> None:
+    """Remove the parametrization of ``name``: the module gets its own parameter object back, in its old place
+    among the module's parameters (so ``named_parameters()`` and state dicts keep their order)."""
+    parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    parameters = module._parameters
+    restored = [(key, parameters[key]) for key in order if key in parameters]
+    restored += [(key, value) for key, value in parameters.items() if key not in order]
+    parameters.clear()
+    parameters.update(restored)
+
+
+class FullRuntime(Runtime):
+    def fold(self, component, target, roles, weight):
+        return {role: to_torch(array).float() for role, array in roles.items()}
+
+    def combine(self, role, tensors):
+        if len(tensors) > 1:
+            raise RequestError(f"two components replace the same {role!r} tensor of one module: keep one")
+        return tensors[0]
+
+    def empty(self, role, example, module):
+        return getattr(innermost(module), role).detach().float().clone()
+
+    def check_fits(self, module, path, component, target, roles) -> None:
+        module = innermost(module)
+        for name, tensor in roles.items():
+            where = f"component {component.name!r}: {path}.{name}"
+            if name in module._parameters:
+                original = module._parameters[name]
+                if original is not None and list(original.shape) != list(tensor.shape):
+                    raise RequestError(f"{where} is {list(original.shape)}, the adapter's tensor {list(tensor.shape)}")
+            elif hasattr(module, name):
+                raise RequestError(f"{where} exists and is not a parameter: it cannot be replaced")
+
+    def install(self, handle, path, key, source, scale) -> None:
+        module = innermost(handle.model.get_submodule(path))
+        for name in source.tensors():
+            if module._parameters.get(name) is not None:
+                order = list(module._parameters)
+                parametrize.register_parametrization(module, name, Replaced(source, name), unsafe=True)
+                handle.on_detach(lambda name=name, order=order: _unparametrize(module, name, order))
+            else:  # the base has no such tensor: the entry's becomes the module's own
+                tensor = source.tensors()[name]
+                if not isinstance(tensor, torch.nn.Parameter):
+                    raise RequestError(f"{path}.{name} is not in the base model: it cannot be fed as a graph input")
+                setattr(tensor, ADAPTER_PARAMETER, True)
+                had_slot = name in module._parameters
+                setattr(module, name, tensor)
+                handle.on_detach(lambda name=name, had_slot=had_slot: (
+                    module.register_parameter(name, None) if had_slot else delattr(module, name)))
+
+    # Merging replaces the tensor: the merge plan copies it in place of the base's (see adapterkit.merge).
+
+    def candidates(self, model, head):
+        return [name for name, module in model.named_modules()
+                if any(True for _ in module.parameters(recurse=False)) and targets.outside(name, head)]
+
+    def initial(self, model, names, options, generator):
+        tensors = {name: {parameter: value.detach().to("cpu", torch.float32, copy=True)
+                          for parameter, value in model.get_submodule(name).named_parameters(recurse=False)}
+                   for name in names}
+        return {}, {}, tensors
+
+
+RUNTIME = FullRuntime()

@@ -1,0 +1,145 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+A target holds ``lora_A`` of shape [r, in] and ``lora_B`` of shape [out, r]; the weight delta is
+ΔW = s·B·A with s = α/r (``scaling: standard``) or s = α/√r (``scaling: rslora``, Kalajdzievski 2023).
+ΔW has the math layout [out, in]; when ``fan_in_fan_out`` is true the base stores the weight as [in, out]
+(GPT-2's Conv1D, embeddings) and ΔWᵀ is added instead.
+
+Composition: per target, the weighted sum Σ wᵢ sᵢ Bᵢ Aᵢ by one of the methods of :mod:`adapterkit.compose.methods`
+(``concat`` exact, ``svd``/``ties``/``dare`` compressed). The result has ``scaling: standard`` and alpha = rank, so
+s = 1: the weights and scales are folded into B.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+
+from adapterkit.errors import FormatError, RequestError
+from adapterkit.kinds.base import Composed, Kind, Part, TrainOption
+from adapterkit.manifest import Component
+
+RANK = TrainOption("rank", "count", 8, "LoRA rank r.")
+ALPHA = TrainOption("alpha", "number", 16.0, "LoRA alpha (scale α/r).", low=-1e6, high=1e6)
+
+
+def scale(rank: int, alpha: float, scaling: str = "standard") -> float:
+    """s = α/r, or α/√r for rsLoRA."""
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    return alpha / rank
+
+
+def target_scale(component: Component, target: str, rank: int) -> float:
+    """The scale of one target, from its own (or the component's) alpha and scaling rule."""
+    return scale(rank, component.param(target, "alpha"), component.param(target, "scaling", "standard"))
+
+
+class LoRA(Kind):
+    name = "lora"
+    summary = "low-rank weight updates ΔW = s·B·A"
+    roles = ("lora_A", "lora_B")
+    default_lr = 1e-3
+    train_options = (RANK, ALPHA)
+
+    def check(self, component, tensors) -> None:
+        for target in component.targets:
+            check_factors(component, target, tensors[target]["lora_A"], tensors[target]["lora_B"])
+
+    def describe(self, component, tensors) -> dict:
+        return {"ranks": sorted({int(roles["lora_A"].shape[0]) for roles in tensors.values()})}
+
+    def detail(self, entry) -> str:
+        text = f"rank {'/'.join(map(str, entry['ranks']))}, alpha {entry['params'].get('alpha')}"
+        if entry["params"].get("scaling", "standard") != "standard":
+            text += f" ({entry['params']['scaling']})"
+        return text
+
+    def compose(self, parts, request, name) -> Composed:
+        from adapterkit.compose.methods import get_method
+
+        method = get_method(request.method)
+        rng = np.random.default_rng(request.seed)  # DARE's drops, drawn target after target
+        held, ranks, layouts, per_target, norms = {}, {}, {}, {}, {}
+        for target, (terms, layout) in lora_terms(parts).items():
+            low = method.combine(terms, request, rng)
+            if not method.exact:
+                per_target[target] = {"absolute": low.absolute_error, "relative": low.relative_error,
+                                      "rank": low.rank}
+                norms[target] = low.norm
+            held[target] = {"lora_A": low.a.astype(np.float32), "lora_B": low.b.astype(np.float32)}
+            ranks[target], layouts[target] = low.rank, layout
+        params, target_params = composite_params(ranks, layouts)
+        return Composed(Component(name, self.name, list(held), params, target_params), held,
+                        overall_error(per_target, norms))
+
+
+def check_factors(component: Component, target: str, a: np.ndarray, b: np.ndarray) -> None:
+    """The shape rules of a pair of LoRA factors (spec §6.2)."""
+    where = f"component {component.name!r}, target {target!r}"
+    if a.ndim != 2 or b.ndim != 2:
+        raise FormatError(f"{where}: lora_A and lora_B must be 2-D, got {list(a.shape)} and {list(b.shape)}")
+    if a.shape[0] != b.shape[1]:
+        raise FormatError(f"{where}: rank mismatch, lora_A is {list(a.shape)} (rank {a.shape[0]}) "
+                          f"but lora_B is {list(b.shape)} (rank {b.shape[1]})")
+    rank = component.param(target, "rank")
+    if rank != a.shape[0]:
+        raise FormatError(f"{where}: manifest says rank {rank} but lora_A is {list(a.shape)}")
+
+
+def lora_terms(parts: Sequence[Part]) -> dict[str, tuple[list[tuple[np.ndarray, np.ndarray, float]], bool]]:
+    """Per target (in first-seen order): its ``(A, B, wᵢ·sᵢ)`` terms and its fan_in_fan_out layout; refuses inputs
+    whose layouts or shapes disagree on a target."""
+    by_target: dict[str, list] = {}
+    for part in parts:
+        component = part.component
+        for target in component.targets:
+            a, b = part.tensors[target]["lora_A"], part.tensors[target]["lora_B"]
+            coefficient = part.weight * target_scale(component, target, a.shape[0])
+            if not math.isfinite(coefficient):
+                raise RequestError(f"{part.where}, target {target!r}: weight times scale is not a finite number")
+            fan_in_fan_out = bool(component.param(target, "fan_in_fan_out", False))
+            by_target.setdefault(target, []).append((part, a, b, coefficient, fan_in_fan_out))
+    terms = {}
+    for target, entries in by_target.items():
+        first, a0, b0, _, layout = entries[0]
+        for part, a, b, _, fan_in_fan_out in entries[1:]:
+            if fan_in_fan_out != layout:
+                raise RequestError(f"target {target!r}: {first.where} has fan_in_fan_out={layout} but {part.where} "
+                                   f"has {fan_in_fan_out}: refusing to mix weight layouts")
+            if a.shape[1] != a0.shape[1] or b.shape[0] != b0.shape[0]:
+                raise RequestError(f"target {target!r}: shapes disagree, {first.where} updates [{b0.shape[0]}, "
+                                   f"{a0.shape[1]}] but {part.where} updates [{b.shape[0]}, {a.shape[1]}]")
+        terms[target] = ([(a, b, c) for _, a, b, c, _ in entries], layout)
+    return terms
+
+
+def composite_params(ranks: dict[str, int], layouts: dict[str, bool]) -> tuple[dict, dict]:
+    """Component params from the most common rank and layout (alpha = rank: s = 1); targets that differ get
+    ``target_params``."""
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    layout = Counter(layouts.values()).most_common(1)[0][0]
+    params = {"rank": rank, "alpha": rank, "scaling": "standard", "fan_in_fan_out": layout}
+    target_params = {}
+    for target in ranks:
+        override = {}
+        if ranks[target] != rank:
+            override.update(rank=ranks[target], alpha=ranks[target])
+        if layouts[target] != layout:
+            override["fan_in_fan_out"] = layouts[target]
+        if override:
+            target_params[target] = override
+    return params, target_params
+
+
+def overall_error(per_target: dict[str, dict], norms: dict[str, float]) -> dict:
+    """Overall absolute error √Σₜ errorₜ² and relative error against √Σₜ‖ΔWₜ‖²_F (both 0 for an exact method)."""
+    absolute = math.sqrt(sum(e["absolute"] ** 2 for e in per_target.values()))
+    norm = math.sqrt(sum(n**2 for n in norms.values()))
+    out = {"relative": absolute / norm if norm > 0 else 0.0, "absolute": absolute}
+    if per_target:
+        out["per_target"] = per_target
+    return out

@@ -1,0 +1,103 @@
+"""LoRA in PEFT's files (``peft_type: LORA``): how our ``lora`` component maps to PEFT's keys and config.
+
+``<target>.lora_A.weight`` [r, in] and ``<target>.lora_B.weight`` [out, r] are our ``lora_A``/``lora_B``;
+embeddings store ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B`` [dim, r], whose ΔW = (B·A)ᵀ is our LoRA
+with ``fan_in_fan_out`` for that target. ``use_rslora`` is ``scaling: rslora``; ``rank_pattern``/``alpha_pattern``
+become per-target ``target_params`` (and back, one entry per target). A component weight is folded into B.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from adapterkit.errors import FormatError, RequestError
+from adapterkit.manifest import Component
+
+PEFT_TYPE = "LORA"
+#: LoRA options whose adapters this mapping cannot express: refused when set
+UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices", "layer_replication",
+                       "use_qalora", "use_bdlora", "alora_invocation_tokens")
+SUFFIXES = {".lora_A.weight": ("lora_A", False), ".lora_B.weight": ("lora_B", False),
+            ".lora_embedding_A": ("lora_A", True), ".lora_embedding_B": ("lora_B", True)}
+
+
+def empty_config() -> dict:
+    """The config of a PEFT LoRA adapter before any component fills it (other kinds ride on it: biases, heads)."""
+    return {"peft_type": PEFT_TYPE, "task_type": None, "r": 8, "lora_alpha": 8, "target_modules": [],
+            "use_rslora": False, "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
+            "modules_to_save": None, "lora_dropout": 0.0}
+
+
+def read(config: dict, tensors: dict[str, np.ndarray], context: dict) -> list[tuple[Component, dict]]:
+    """Take the LoRA tensors out of ``tensors`` (PEFT keys without ``base_model.model.``) as one component."""
+    for option in UNSUPPORTED_OPTIONS:
+        if config.get(option):
+            raise FormatError(f"PEFT option {option}={config[option]!r} is not supported")
+    lora: dict[str, dict[str, np.ndarray]] = {}
+    embeddings = set()
+    for key in list(tensors):
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        role, is_embedding = SUFFIXES[suffix]
+        target = key[: -len(suffix)]
+        lora.setdefault(target, {})[role] = tensors.pop(key)
+        if is_embedding:
+            embeddings.add(target)
+    context["wrapped"] = set(lora)
+    if not lora:
+        return []
+    rank, alpha = config["r"], config["lora_alpha"]
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    params = {"rank": rank, "alpha": alpha, "scaling": "rslora" if config.get("use_rslora") else "standard",
+              "fan_in_fan_out": fan_in_fan_out}
+    target_params = {}
+    for target, roles in lora.items():
+        if set(roles) != {"lora_A", "lora_B"}:
+            raise FormatError(f"LoRA target {target!r} lacks lora_A or lora_B")
+        override = {}
+        target_rank = int(roles["lora_A"].shape[0])
+        if target_rank != rank:
+            override["rank"] = target_rank
+        target_alpha = _pattern_value(config.get("alpha_pattern"), target, alpha)
+        if target_alpha != alpha:
+            override["alpha"] = target_alpha
+        if target in embeddings and not fan_in_fan_out:
+            override["fan_in_fan_out"] = True  # an embedding's ΔW is (B·A)ᵀ
+        if override:
+            target_params[target] = override
+    return [(Component("lora", "lora", sorted(lora), params, target_params), lora)]
+
+
+def _pattern_value(patterns: dict, target: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module whose name ends with it (as a regex)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", target):
+            return value
+    return default
+
+
+def write(component: Component, tensors: dict, config: dict, context: dict) -> dict[str, np.ndarray]:
+    """PEFT's keys for one LoRA component, filling ``config``."""
+    config.update(r=component.params["rank"], lora_alpha=component.params["alpha"], target_modules=component.targets,
+                  use_rslora=component.params.get("scaling", "standard") == "rslora",
+                  fan_in_fan_out=bool(component.params.get("fan_in_fan_out", False)))
+    context["wrapped"] = set(component.targets)
+    out = {}
+    for target, roles in tensors.items():
+        rank, alpha = component.param(target, "rank"), component.param(target, "alpha")
+        if rank != config["r"]:
+            config["rank_pattern"][target] = rank
+        if alpha != config["lora_alpha"]:
+            config["alpha_pattern"][target] = alpha
+        if component.param(target, "scaling", "standard") != component.params.get("scaling", "standard"):
+            raise RequestError(f"target {target!r} overrides the scaling rule, which PEFT cannot express")
+        # An embedding is the one module PEFT stores with ΔW = (B·A)ᵀ when fan_in_fan_out is off for the rest.
+        is_embedding = component.param(target, "fan_in_fan_out", False) and not config["fan_in_fan_out"]
+        names = ("lora_embedding_A", "lora_embedding_B") if is_embedding else ("lora_A.weight", "lora_B.weight")
+        out[f"{target}.{names[0]}"] = roles["lora_A"]
+        out[f"{target}.{names[1]}"] = (roles["lora_B"].astype(np.float32) * np.float32(component.weight)
+                                       if component.weight != 1 else roles["lora_B"])  # w·ΔW = s·(w·B)·A
+    return out

@@ -1,0 +1,122 @@
+"""LoRA in torch: the forward, the merge, the training start.
+
+Forward (Hu et al. 2021, eq. 3): y = base(x) + (x Aᵀ)(s·w·B)ᵀ, never forming ΔW = B·A, on ``nn.Linear``,
+transformers' ``Conv1D`` (GPT-2, which stores its weight as [in, out]: the low-rank path is the same, only the base
+layout differs) and ``nn.Embedding`` (the token ids pick columns of A: F.embedding(x, Aᵀ)·Bᵀ, as PEFT does). Scaling
+the small factor B costs r·out multiplications; scaling the output would cost batch·tokens·out.
+
+Merge: W ← W + w·s·B·A in one GEMM pass over W (``addmm_``, ΔW never formed), transposed where the base stores the
+weight as [in, out] (``fan_in_fan_out``). Unmerge subtracts the same.
+
+Training start (PEFT's default): A ~ kaiming-uniform(a=√5) as ``nn.Linear`` initialises weights, B = 0, so ΔW = 0
+and the model starts as the base.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+from adapterkit import targets
+from adapterkit.arrays import to_torch
+from adapterkit.errors import RequestError
+from adapterkit.kinds.lora import target_scale
+from adapterkit.kinds.runtime import Runtime
+
+
+def low_rank(base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(x Aᵀ) Bᵀ for a Linear or Conv1D; for an Embedding, each token id picks its column of A ([r, vocab]), then Bᵀ."""
+    if isinstance(base, torch.nn.Embedding):
+        return F.embedding(x, a.T, padding_idx=base.padding_idx) @ b.T
+    return F.linear(F.linear(x, a), b)
+
+
+def features(module: torch.nn.Module) -> tuple[int, int]:
+    """(in, out) of a module LoRA can adapt."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    raise RequestError(f"LoRA adapts Linear, Conv1D and Embedding modules, not {type(module).__name__}")
+
+
+class LoRARuntime(Runtime):
+    dynamic_axes = {"lora_A": 0, "lora_B": 1}
+    merged_parameters = ("weight",)
+
+    def after(self, base, x, y, tensors, scale):
+        b = tensors["lora_B"] if scale == 1.0 else tensors["lora_B"] * scale
+        return y + low_rank(base, x, tensors["lora_A"], b)
+
+    def scale(self, component, target, roles, weight) -> float:
+        return target_scale(component, target, roles["lora_A"].shape[0]) * weight
+
+    def fold(self, component, target, roles, weight):
+        scale = self.scale(component, target, roles, weight)
+        return {"lora_A": to_torch(roles["lora_A"]).float(), "lora_B": to_torch(roles["lora_B"]).float() * scale}
+
+    def check_fits(self, module, path, component, target, roles) -> None:
+        from adapterkit.attach.wrapper import innermost
+
+        in_features, out_features = features(innermost(module))
+        a, b = roles["lora_A"], roles["lora_B"]
+        if a.shape[1] != in_features or b.shape[0] != out_features:
+            raise RequestError(f"component {component.name!r}, target {target!r}: lora_A {list(a.shape)} and lora_B "
+                               f"{list(b.shape)} do not fit {path} ({in_features} in, {out_features} out)")
+
+    def merge(self, component, target, roles, parameter, tensor, weight):
+        self._add(component, target, roles, tensor, weight)
+
+    def unmerge(self, component, target, roles, parameter, tensor, weight, record):
+        self._add(component, target, roles, tensor, -weight)
+
+    def _add(self, component, target, roles, tensor, weight) -> None:
+        """tensor += w·s·B·A (or its transpose), in one GEMM pass: ΔW itself is never formed."""
+        a, b = to_torch(roles["lora_A"]).float(), to_torch(roles["lora_B"]).float()
+        expected = [b.shape[0], a.shape[1]]
+        transposed = bool(component.param(target, "fan_in_fan_out", False))
+        if list(tensor.shape) != (expected[::-1] if transposed else expected):
+            raise RequestError(f"component {component.name!r}, target {target!r}: the update is "
+                               f"{expected[::-1] if transposed else expected}, the base weight {list(tensor.shape)}")
+        alpha = self.scale(component, target, roles, weight)
+        if transposed:
+            tensor.addmm_(a.T, b.T, alpha=alpha)  # ΔWᵀ = s·Aᵀ·Bᵀ
+        else:
+            tensor.addmm_(b, a, alpha=alpha)
+
+    def candidates(self, model, head):
+        return [name for name, module in model.named_modules()
+                if isinstance(module, (torch.nn.Linear, Conv1D, torch.nn.Embedding)) and targets.outside(name, head)]
+
+    def default_targets(self, model, head):
+        found = targets.query_value_projections(model, head)
+        if not found:
+            raise RequestError(f"found no query/value projections in {type(model).__name__}: pass --targets")
+        return found
+
+    def initial(self, model, names, options, generator):
+        rank = options["rank"]
+        tensors, target_params = {}, {}
+        for name in names:
+            module = model.get_submodule(name)
+            in_features, out_features = features(module)
+            if isinstance(module, torch.nn.Embedding):  # PEFT: A = 0, B ~ N(0, 1) for embeddings
+                tensors[name] = {"lora_A": torch.zeros(rank, in_features),
+                                 "lora_B": torch.randn(out_features, rank, generator=generator)}
+            else:
+                a = torch.empty(rank, in_features)
+                bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=√5) on a [rank, in] matrix, as nn.Linear does
+                tensors[name] = {"lora_A": a.uniform_(-bound, bound, generator=generator),
+                                 "lora_B": torch.zeros(out_features, rank)}
+            if isinstance(module, (Conv1D, torch.nn.Embedding)):  # stored [in, out]: ΔWᵀ is added
+                target_params[name] = {"fan_in_fan_out": True}
+        params = {"rank": rank, "alpha": options["alpha"], "scaling": "standard", "fan_in_fan_out": False}
+        return params, target_params, tensors
+
+
+RUNTIME = LoRARuntime()

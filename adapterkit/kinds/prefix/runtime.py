@@ -1,0 +1,200 @@
+"""Prefix tuning in torch (Li & Liang 2021): every targeted attention module gets p trained key and value vectors
+prepended to its own keys and values, and every token may attend to them.
+
+How, without caches: transformers routes attention through ``ALL_ATTENTION_FUNCTIONS`` (the functional
+``AttentionInterface``: ``f(module, query, key, value, attention_mask, **kw)``). We register, next to the model's
+implementation (``sdpa`` or ``eager``), one named ``adapterkit_prefix_<impl>`` that concatenates the module's prefix
+K/V in front of ``key``/``value`` (keys arrive after RoPE: prefix keys are used as given, like cached keys), pads the
+mask by p columns the tokens may attend to, and calls the original function. The model is switched to it with
+``set_attn_implementation`` and switched back on detach. The prefixes of one attention module are held by a small
+child module ``<attention module>.prefix`` (:class:`PrefixStore`), whose entries read their tensors from trainable
+parameters (attach) or from graph inputs (the ONNX export) — the same code either way.
+
+Positions: PEFT feeds the prefix as ``past_key_values``, so the model numbers the tokens p..p+n-1 (and PEFT adds p to
+``position_ids`` it is given). A forward pre-hook on the model does the same: ``position_ids`` (given, or 0..n-1
+after what a cache already holds) + p. With RoPE (Llama) or learned positions (GPT-2, BERT) this gives PEFT's logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from adapterkit import targets
+from adapterkit.attach.wrapper import innermost
+from adapterkit.errors import RequestError
+from adapterkit.kinds.prefix import ROLES
+from adapterkit.kinds.runtime import Runtime
+
+IMPLEMENTATION_PREFIX = "adapterkit_prefix_"
+#: initial keys and values ~ N(0, 0.02²): near-zero keys attract little attention, so training starts near the base
+PREFIX_STD = 0.02
+
+
+class PrefixStore(torch.nn.Module):
+    """The prefix keys and values of one attention module: one entry per attached prefix (concatenated in attach
+    order), each reading its tensors from its source."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapters = torch.nn.ModuleDict()  # the sources that are modules (parameters), by entry key
+        self.sources: list = []
+
+    def add(self, key: str, source) -> None:
+        if isinstance(source, torch.nn.Module):
+            self.adapters[key] = source
+        self.sources.append(source)
+
+    @property
+    def length(self):
+        """p, the number of prefix positions (symbolic while exporting)."""
+        return functools.reduce(lambda a, b: a + b, (s.tensors()["prefix_key"].shape[1] for s in self.sources))
+
+    def extend(self, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Put the prefixes ([kv_heads, pᵢ, head_dim] each) in front of key/value ([batch, kv_heads, n, head_dim]),
+        giving [batch, kv_heads, p+n, head_dim], and grow the mask to match."""
+        held = [source.tensors() for source in self.sources]
+        batch = key.shape[0]
+        key = torch.cat([*(t["prefix_key"].expand(batch, -1, -1, -1) for t in held), key], dim=2)
+        value = torch.cat([*(t["prefix_value"].expand(batch, -1, -1, -1) for t in held), value], dim=2)
+        return key, value, _extend_mask(attention_mask, self.length)
+
+
+def _extend_mask(attention_mask: torch.Tensor | None, p) -> torch.Tensor | None:
+    """Let every query attend to the p prefix columns in front (no mask means everything is attended already)."""
+    if attention_mask is None:
+        return None
+    allowed = True if attention_mask.dtype == torch.bool else 0.0  # bool masks keep True, additive masks add 0
+    return F.pad(attention_mask, (p, 0), value=allowed)
+
+
+def _causal_mask(q_length: int, kv_length: int, device) -> torch.Tensor:
+    """Query i (the last q_length of kv_length positions) attends to keys 0..kv_length-q_length+i."""
+    return torch.ones(q_length, kv_length, dtype=torch.bool, device=device).tril(kv_length - q_length)[None, None]
+
+
+def _original_attention(module: torch.nn.Module, implementation: str):
+    if implementation == "eager":  # each modeling file has its own eager function
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _prefix_attention(implementation: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        store = getattr(module, "prefix", None)
+        if isinstance(store, PrefixStore):
+            causal = kwargs.get("is_causal")
+            causal = getattr(module, "is_causal", False) if causal is None else causal
+            if attention_mask is None and causal:  # sdpa's is_causal would align the triangle wrongly once p is added
+                attention_mask = _causal_mask(query.shape[2], key.shape[2], query.device)
+            key, value, attention_mask = store.extend(key, value, attention_mask)
+        return _original_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def use_prefix_attention(model: torch.nn.Module) -> str:
+    """Switch a transformers model to the prefix-aware variant of its attention implementation (registered on first
+    use); returns the implementation it had. Attention modules without a prefix compute as before."""
+    if not hasattr(model, "set_attn_implementation"):
+        raise RequestError(f"prefix adapters attach to transformers models, not {type(model).__name__}")
+    original = model.config._attn_implementation
+    if original.startswith(IMPLEMENTATION_PREFIX):
+        raise RequestError("this model already has a prefix attached: detach it before attaching another prefix "
+                           "(or attach all prefixes in one call)")
+    if original not in ("sdpa", "eager"):
+        raise RequestError(f"prefix adapters need the model's attention to be sdpa or eager, not {original!r}")
+    name = IMPLEMENTATION_PREFIX + original
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, _prefix_attention(original))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    model.set_attn_implementation(name)
+    return original
+
+
+def _stores(handle) -> list[PrefixStore]:
+    """The prefix stores of this attach. The first call switches the model to the prefix-aware attention and shifts
+    positions by the prefix length (both undone on detach)."""
+    if "prefix_stores" in handle.shared:
+        return handle.shared["prefix_stores"]
+    model = handle.model
+    original = use_prefix_attention(model)
+    handle.on_detach(lambda: model.set_attn_implementation(original))
+    stores = handle.shared["prefix_stores"] = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: _shift_positions(stores, args, kwargs),
+                                           with_kwargs=True)
+    handle.on_detach(hook.remove)
+    return stores
+
+
+def _shift_positions(stores: list[PrefixStore], args, kwargs):
+    """position_ids + p, as when PEFT feeds the prefix as past key/values (see the module docstring)."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        cache = kwargs.get("past_key_values") or kwargs.get("cache")
+        cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        position_ids = torch.arange(cached, cached + tokens.shape[1], device=tokens.device).unsqueeze(0)
+    longest = functools.reduce(torch.sym_max, (store.length for store in stores))
+    return args, {**kwargs, "position_ids": position_ids + longest}
+
+
+def _head_dim(module: torch.nn.Module) -> int | None:
+    for name in ("head_dim", "attention_head_size"):
+        value = getattr(module, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+class PrefixRuntime(Runtime):
+    dynamic_axes = {"prefix_key": 1, "prefix_value": 1}
+
+    def fold(self, component, target, roles, weight):
+        return super().fold(component, target, roles, 1.0)  # weight 1 only (checked by attach and the reader)
+
+    def check_fits(self, module, path, component, target, roles) -> None:
+        attention = innermost(module)
+        if not targets.calls_attention(attention):
+            raise RequestError(f"component {component.name!r}: target {target!r} ({type(attention).__name__}) does not "
+                               "call the attention function itself, so no attention would read its prefix (target "
+                               "the module that does, e.g. ...attention.self in BERT)")
+        head_dim = _head_dim(attention)
+        if head_dim is not None and roles["prefix_key"].shape[2] != head_dim:
+            raise RequestError(f"component {component.name!r}, target {target!r}: prefix_key is "
+                               f"{list(roles['prefix_key'].shape)}, but {path} has heads of size {head_dim}")
+
+    def install(self, handle, path, key, source, scale) -> None:
+        stores = _stores(handle)
+        module = handle.model.get_submodule(path)
+        store = getattr(module, "prefix", None)
+        if not isinstance(store, PrefixStore):
+            if store is not None:
+                raise RequestError(f"{path} already has an attribute 'prefix': cannot attach a prefix to it")
+            store = PrefixStore()
+            module.prefix = store
+            handle.on_detach(lambda: delattr(module, "prefix"))
+            stores.append(store)
+        store.add(key, source)
+
+    def candidates(self, model, head):
+        return targets.attention_modules(model, head)
+
+    def initial(self, model, names, options, generator):
+        config = model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        length = options["prefix_length"]
+        tensors = {name: {role: torch.randn(kv_heads, length, head_dim, generator=generator) * PREFIX_STD
+                          for role in ROLES} for name in names}
+        return {"prefix_length": length}, {}, tensors
+
+
+RUNTIME = PrefixRuntime()

@@ -1,0 +1,116 @@
+"""The torch half of a kind: :class:`Runtime`, the contract of each kind package's ``runtime.py``.
+
+One forward function per kind serves attach and the ONNX export alike. What differs is where its tensors come from:
+
+- attach gives it the adapter's tensors as trainable ``nn.Parameter`` s and the scale (for LoRA s·w) to apply;
+- the export gives it graph inputs that already hold the scale (:meth:`Runtime.fold`), and a scale of 1.
+
+Both install the kind the same way (:meth:`Runtime.install`): by default into an
+:class:`~adapterkit.attach.wrapper.AdapterWrapper` around the target module, which runs every entry's :meth:`before`
+on the module's input, the module, then every entry's :meth:`after` on its output, in the order they were attached.
+Kinds that act elsewhere (inside attention, in place of a parameter) override :meth:`install`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from adapterkit.arrays import to_torch
+from adapterkit.errors import RequestError
+from adapterkit.manifest import Component
+
+#: {role: tensor} of one target
+Roles = Mapping[str, torch.Tensor]
+
+
+class Runtime:
+    """The torch side of a kind. Subclasses override what their kind does."""
+
+    #: ONNX: role -> the axis whose length differs between adapters (a rank, a prefix length); other roles have a
+    #: fixed shape. An absent adapter is the slot at length 0 there, or :meth:`empty` for fixed shapes.
+    dynamic_axes: Mapping[str, int] = {}
+
+    # -- forward: one function for attach (parameters, scale) and export (folded graph inputs, scale 1) ---------------
+
+    def before(self, base: torch.nn.Module, x: torch.Tensor, tensors: Roles, scale: float) -> torch.Tensor:
+        """The module's input as this entry changes it (default: unchanged)."""
+        return x
+
+    def after(self, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tensors: Roles,
+              scale: float) -> torch.Tensor:
+        """The module's output as this entry changes it; ``x`` is the input the module saw."""
+        return y
+
+    def scale(self, component: Component, target: str, roles: Mapping[str, np.ndarray], weight: float) -> float:
+        """The factor attach applies to a target's tensors in :meth:`after`: the component's weight (times the kind's
+        own scale, such as LoRA's α/r). ``weight`` is the adapter's weight times the component's."""
+        return weight
+
+    def fold(self, component: Component, target: str, roles: Mapping[str, np.ndarray],
+             weight: float) -> dict[str, torch.Tensor]:
+        """A target's tensors with :meth:`scale` folded in, float32: what the ONNX graph is fed (so it runs with scale
+        1). Default: every tensor times the scale."""
+        scale = self.scale(component, target, roles, weight)
+        return {role: to_torch(array).float() * scale for role, array in roles.items()}
+
+    def combine(self, role: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Several adapters' folded tensors of one role on one module, as one graph input: along the dynamic axis
+        (exact for the kinds that declare one), else summed."""
+        if len(tensors) == 1:
+            return tensors[0]
+        if role in self.dynamic_axes:
+            return torch.cat(list(tensors), dim=self.dynamic_axes[role])
+        return torch.stack(list(tensors)).sum(0)
+
+    def empty(self, role: str, example: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        """The graph input's value when no adapter fills it, so that the graph is the base model there."""
+        if role in self.dynamic_axes:
+            shape = list(example.shape)
+            shape[self.dynamic_axes[role]] = 0
+            return torch.zeros(shape)
+        return torch.zeros(example.shape)
+
+    # -- installing -------------------------------------------------------------------------------------------------
+
+    def check_fits(self, module: torch.nn.Module, path: str, component: Component, target: str,
+                   roles: Mapping[str, np.ndarray]) -> None:
+        """Raise an AdapterError if a target's tensors do not fit the base module they act on."""
+
+    def install(self, handle, path: str, key: str, source, scale: float) -> None:
+        """Put one entry (its tensors from ``source``) on the module at ``path`` of ``handle.model``."""
+        handle.wrapper(path).add(key, self, source, scale)
+
+    # -- merge --------------------------------------------------------------------------------------------------------
+
+    #: the parameters of a target module that merging changes (``("weight",)``, ``("bias",)``)
+    merged_parameters: tuple[str, ...] = ()
+
+    def merge(self, component: Component, target: str, roles: Mapping[str, np.ndarray], parameter: str,
+              tensor: torch.Tensor, weight: float) -> dict[str, torch.Tensor] | None:
+        """Fold one target into ``tensor`` (the base's ``parameter``, float32, stored layout) in place. Returns what
+        :meth:`unmerge` needs and the merged weights no longer hold (None when nothing is needed)."""
+        raise RequestError(f"component {component.name!r} cannot be merged")
+
+    def unmerge(self, component: Component, target: str, roles: Mapping[str, np.ndarray], parameter: str,
+                tensor: torch.Tensor, weight: float, record: Mapping[str, torch.Tensor] | None) -> None:
+        """Undo :meth:`merge` on ``tensor`` in place, given what it returned."""
+        raise RequestError(f"component {component.name!r} cannot be unmerged")
+
+    # -- training -----------------------------------------------------------------------------------------------------
+
+    def candidates(self, model: torch.nn.Module, head: Sequence[str]) -> list[str]:
+        """Every module of ``model`` (outside the new ``head`` modules) this kind can act on: what ``--targets``
+        suffixes are matched against."""
+        return []
+
+    def default_targets(self, model: torch.nn.Module, head: Sequence[str]) -> list[str]:
+        """The modules ``train`` adapts when the user names none."""
+        return self.candidates(model, head)
+
+    def initial(self, model: torch.nn.Module, targets: Sequence[str], options: Mapping,
+                generator: torch.Generator) -> tuple[dict, dict, dict[str, dict[str, torch.Tensor]]]:
+        """A new, untrained component on ``targets``: ``(params, target_params, {target: {role: tensor}})``."""
+        raise RequestError("this kind cannot be trained")
