@@ -2,44 +2,107 @@
 
 YAML front matter the Hub indexes (``library_name: adapterkit``, ``base_model`` when the manifest names a Hub model,
 ``tags``: adapterkit and each kind), then what ``adapterkit inspect`` shows, the file's sha256, and how to use it.
+
+Every string in the card that comes from the adapter file (base model id and revision, producer, component names,
+kinds and targets, composition sources, training record) is shown on one line with nothing invisible
+(:func:`visible`) and only inside code: a code span or the fenced block, each fenced longer than any run of backticks
+it holds. The front matter is written by a YAML dumper (``ModelCardData``) and holds no free text from the file.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from adapterkit.adapter import Adapter
+from adapterkit.errors import AdapterError
 from adapterkit.summary import describe, render
 
 #: what the Hub accepts as a model id in ``base_model`` (a local path such as ``base/`` or ``/models/x`` is not one)
-HUB_MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+HUB_MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$", re.ASCII)
+#: the file name the card tells people to pull: a plain relative name
+CARD_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+
+#: Unicode categories never shown as is: controls (C0, DEL, C1), format characters (bidi overrides, zero-width
+#: spaces), lone surrogates, line and paragraph separators
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def visible(text: object) -> str:
+    """``text`` as one line with nothing invisible: a newline becomes ``\\n``, other control and format characters
+    ``\\xNN`` or ``\\uXXXX``. For anything from a file or a user that ends up in a card, a log or an error line."""
+    text = str(text)
+    if text.isascii() and text.isprintable():  # the usual case
+        return text
+    return "".join(_escape(c) if unicodedata.category(c) in _HIDDEN else c for c in text)
+
+
+def _visible_all(value):
+    """``value`` (JSON-like) with every string, keys included, passed through :func:`visible`."""
+    if isinstance(value, str):
+        return visible(value)
+    if isinstance(value, dict):
+        return {visible(k) if isinstance(k, str) else k: _visible_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_visible_all(v) for v in value]
+    return value
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def code_span(text: object) -> str:
+    """``text`` as a Markdown code span that nothing in it can close (CommonMark: a longer backtick string)."""
+    text = visible(text)
+    fence = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def code_block(text: str, info: str = "") -> str:
+    """``text`` (lines already made safe) as a fenced code block that no line in it can close."""
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return f"{fence}{info}\n{text}\n{fence}"
 
 
 def hub_base_model(adapter: Adapter) -> str | None:
     """The base model's id when it names a Hub model; the Hub rejects cards whose base_model is anything else."""
     base_id = adapter.manifest.base_model.id
-    return base_id if base_id and HUB_MODEL_ID.fullmatch(base_id) else None
+    return base_id if isinstance(base_id, str) and HUB_MODEL_ID.fullmatch(base_id) else None
 
 
 def model_card(adapter: Adapter, *, repo_id: str, filename: str, sha256: str, size: int) -> str:
     """The README.md text for ``adapter`` pushed to ``repo_id`` as ``filename`` (``size`` bytes, ``sha256``)."""
+    if not HUB_MODEL_ID.fullmatch(repo_id):
+        raise AdapterError("not a Hub repository id of the form NAMESPACE/NAME", visible(repo_id))
+    if not CARD_FILE_NAME.fullmatch(filename) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise AdapterError(f"no model card for file {visible(filename)!r} with sha256 {visible(sha256)!r}", repo_id)
     kinds = adapter.manifest.kinds
     base = hub_base_model(adapter)
     data = ModelCardData(library_name="adapterkit", base_model=base, tags=["adapterkit", *kinds])
     base_text = (f"[`{base}`](https://huggingface.co/{base})" if base
-                 else f"`{adapter.manifest.base_model.id or '(unnamed)'}`")
+                 else code_span(adapter.manifest.base_model.id or "(unnamed)"))
+    kinds_text = ", ".join(map(visible, kinds))
+    summary = render(_visible_all(describe(adapter)))  # every string from the file on one line, escaped
     body = f"""
 # {repo_id.split('/')[-1]}
 
-An [adapterkit](https://pypi.org/project/adapterkit/) adapter ({', '.join(kinds)}) for the base model {base_text}.
+An [adapterkit](https://pypi.org/project/adapterkit/) adapter ({kinds_text}) for the base model {base_text}.
 
 ## What it holds
 
-```text
-{render(describe(adapter))}
-```
+{code_block(summary, "text")}
 
 `{filename}`: {size:,} bytes, sha256 `{sha256}` (also in `adapterkit.json`; `adapterkit pull` checks it).
 
