@@ -22,6 +22,8 @@ from adapterkit.summary import describe, render
 
 #: what the Hub accepts as a model id in ``base_model`` (a local path such as ``base/`` or ``/models/x`` is not one)
 HUB_MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$", re.ASCII)
+#: a repository id the card can show as is (the Hub's own rule, ASCII only)
+REPO_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+", re.ASCII)
 #: the file name the card tells people to pull: a plain relative name
 CARD_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 
@@ -84,7 +86,7 @@ def hub_base_model(adapter: Adapter) -> str | None:
 
 def model_card(adapter: Adapter, *, repo_id: str, filename: str, sha256: str, size: int) -> str:
     """The README.md text for ``adapter`` pushed to ``repo_id`` as ``filename`` (``size`` bytes, ``sha256``)."""
-    if not HUB_MODEL_ID.fullmatch(repo_id):
+    if not REPO_ID.fullmatch(repo_id):
         raise AdapterError("not a Hub repository id of the form NAMESPACE/NAME", visible(repo_id))
     if not CARD_FILE_NAME.fullmatch(filename) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise AdapterError(f"no model card for file {visible(filename)!r} with sha256 {visible(sha256)!r}", repo_id)
