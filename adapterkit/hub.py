@@ -163,6 +163,9 @@ def fetch(repo_id: str, revision: str | None = None, filename: str | None = None
         recorded = record.get("file") == filename
         expected = record["sha256"] if recorded else None
         size = _hub_size(repo_id, filename, commit)
+        if recorded and size is None:
+            raise AdapterError(f"{filename}: the Hub gives no size for it, so it cannot be checked against "
+                               f"{RECORD_FILE} before downloading; refusing it", where)
         if recorded and size != record["size"]:
             raise AdapterError(f"{filename}: the Hub gives its size as {_bytes(size)}, {RECORD_FILE} records "
                                f"{_bytes(record['size'])}: the file was changed or replaced; refusing it before "
