@@ -15,7 +15,7 @@ from typing import Any
 
 FORMAT_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
-COMPONENT_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
+COMPONENT_NAME = re.compile(r"[a-z0-9_]{1,64}\Z")
 
 
 def parse_version(text: str) -> tuple[int, int]:

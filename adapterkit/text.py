@@ -1,22 +1,27 @@
 """Strings that come from files, made safe to show: no control character, newline or escape sequence reaches a
-terminal (or a model card) as itself, so a manifest cannot forge a line of ``inspect`` or move the cursor."""
+terminal, a log or a model card as itself, so a manifest cannot forge a line of ``inspect`` or move the cursor."""
 
 from __future__ import annotations
 
-import re
+import unicodedata
 
-#: C0 and C1 controls, DEL, and Unicode's line/paragraph separators and bidirectional overrides
-UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: Unicode categories never shown as is: controls (C0, DEL, C1), format characters (bidi overrides, zero-width
+#: spaces), lone surrogates, line and paragraph separators
+HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def printable(text: object) -> str:
-    """``text`` with every unsafe character written as an escape (``\\n``, ``\\x1b``, ``\\u2028``)."""
-    return UNSAFE.sub(_escape, str(text))
+    """``text`` as one line with nothing invisible: a newline becomes ``\\n``, other control and format characters
+    ``\\xNN`` or ``\\uXXXX``."""
+    text = str(text)
+    if text.isascii() and text.isprintable():  # the usual case
+        return text
+    return "".join(_escape(c) if unicodedata.category(c) in HIDDEN else c for c in text)
 
 
-def _escape(match: re.Match) -> str:
-    char = match.group()
-    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-    if char in named:
-        return named[char]
-    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+def _escape(char: str) -> str:
+    if char in SHORT_ESCAPES:
+        return SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

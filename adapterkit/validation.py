@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from importlib import resources
 from typing import Mapping
 
@@ -23,10 +24,22 @@ from adapterkit.manifest import Manifest
 
 @functools.cache
 def manifest_validator():
+    """The schema's validator, with ``pattern`` read as JSON Schema means it (ECMA-262: ``$`` is the end of the
+    string; Python's ``$`` would also match before a final newline, letting ``"name\\n"`` through)."""
     import jsonschema
 
+    def pattern(validator, regex, instance, schema):
+        if validator.is_type(instance, "string") and not re.search(_ecma_end(regex), instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {regex!r}")
+
+    strict = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": pattern})
     schema = json.loads(resources.files("adapterkit").joinpath("schema/manifest.schema.json").read_text())
-    return jsonschema.Draft202012Validator(schema)
+    return strict(schema)
+
+
+@functools.cache
+def _ecma_end(regex: str) -> str:
+    return re.sub(r"(?<!\\)\$", r"\\Z", regex)
 
 
 def check_manifest_json(data: object) -> None:

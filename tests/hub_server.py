@@ -9,6 +9,9 @@ client raises its usual exceptions. Set ``HF_HUB_DISABLE_XET=1``: this server sp
     with HubServer() as hub:            # hub.url -> "http://127.0.0.1:PORT"; point HF_ENDPOINT at it
         ...
     HubServer(tokens={"hf_w": "write", "hf_r": "read"})   # then requests need "Authorization: Bearer <token>"
+    HubServer(stall=r"/resolve/")       # requests whose path matches get no answer (for up to stall_seconds)
+
+Every request is logged in ``hub.state.requests`` as (method, path), so tests can tell what the client asked for.
 
 As a program (for the demo script), it serves until stopped and prints its URL once ready:
 
@@ -77,10 +80,13 @@ def git_blob_sha1(data: bytes) -> str:
 class HubState:
     """All repositories and LFS objects, guarded by one lock (the server is threaded)."""
 
-    def __init__(self, tokens: dict[str, str] | None):
+    def __init__(self, tokens: dict[str, str] | None, stall: str | None = None, stall_seconds: float = 10):
         self.tokens = tokens
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str]] = []  # (method, path without the query), in the order they came
+        self.stall, self.stall_seconds = stall, stall_seconds
+        self.closing = threading.Event()  # set when the server shuts down: stalled requests give up then
         self.lock = threading.RLock()
         self._serial = count()
 
@@ -103,12 +109,14 @@ class HubState:
 class HubServer:
     """Runs the handler on a free loopback port in a background thread; use as a context manager."""
 
-    def __init__(self, tokens: dict[str, str] | None = None, port: int = 0):
-        self.state = HubState(tokens)
+    def __init__(self, tokens: dict[str, str] | None = None, port: int = 0, stall: str | None = None,
+                 stall_seconds: float = 10):
+        self.state = HubState(tokens, stall, stall_seconds)
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self.state))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hub-server", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="hub-server", daemon=True)
 
     def __enter__(self) -> "HubServer":
         self._thread.start()
@@ -118,6 +126,7 @@ class HubServer:
         self.close()
 
     def close(self) -> None:
+        self.state.closing.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -130,6 +139,19 @@ class HubServer:
         """Replace the stored bytes of ``path`` behind the Hub's back (storage corruption, a malicious mirror)."""
         with self.state.lock:
             self.state.repo(repo_id).resolve(revision).files[path] = data
+
+    def seed(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
+        """Create ``repo_id`` holding ``files`` in one commit on main, without going through HTTP (LFS for
+        ``*.safetensors`` and the like, as a push would); returns the commit sha."""
+        with self.state.lock:
+            repo = self.state.repos[repo_id] = Repo(repo_id, private)
+            self.state.new_commit(repo, "main", "initial commit", {".gitattributes": GITATTRIBUTES}, {})
+            lfs = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()
+                   if path.endswith(LFS_SUFFIXES)}
+            for path in lfs:
+                self.state.lfs_objects[lfs[path]] = files[path]
+            parent = repo.commits[repo.branches["main"]]
+            return self.state.new_commit(repo, "main", "seed", {**parent.files, **files}, lfs).oid
 
 
 def _handler_for(state: HubState):
@@ -182,6 +204,12 @@ class _HubHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         self.body = self._read_body()
+        with self.hub.lock:
+            self.hub.requests.append((method, url.path))
+        if self.hub.stall and re.search(self.hub.stall, url.path):  # a Hub that took the request and went quiet
+            self.hub.closing.wait(self.hub.stall_seconds)
+            self.close_connection = True
+            return
         try:
             for route_method, pattern, name in self.ROUTES:
                 match = re.fullmatch(pattern, url.path)
