@@ -106,7 +106,7 @@ class MergePlan:
               out: torch.Tensor | None = None) -> torch.Tensor:
         """The new value of base tensor ``name`` (given its current value), in ``dtype`` (default: its own).
 
-        Changed tensors are computed in float32, in ``out`` when given (a float32 tensor of the same shape that the
+        Changed tensors are computed in float32 (float64 for a float64 tensor), in ``out`` when given (a float32 tensor of the same shape that the
         caller reuses, so that streaming a checkpoint allocates no new memory per tensor). A result that is not
         finite (in float32, or once cast to ``dtype``) is refused."""
         dtype = dtype or tensor.dtype
@@ -119,7 +119,8 @@ class MergePlan:
         parts = self._parts.pop(name, ())
         if not parts:
             return tensor if tensor.dtype == dtype or not tensor.is_floating_point() else tensor.to(dtype)
-        result = torch.empty(tensor.shape) if out is None else out
+        compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32  # at least float32 (spec §6.1)
+        result = torch.empty(tensor.shape, dtype=compute) if out is None else out
         result.copy_(tensor)
         parameter = name.rpartition(".")[2]
         for part in (parts if self.sign > 0 else reversed(parts)):
@@ -130,10 +131,10 @@ class MergePlan:
             else:
                 part.runtime.unmerge(part.component, part.target, part.roles, parameter, result, part.weight,
                                      self.kept.get(part.key))
-        stored = result if dtype == torch.float32 else result.to(dtype)
+        stored = result if dtype == result.dtype else result.to(dtype)
         if not bool(torch.isfinite(stored).all()):
             stage = "merged" if self.sign > 0 else "unmerged"
-            where = "" if dtype == torch.float32 else " in " + str(dtype).removeprefix("torch.")
+            where = "" if dtype == result.dtype else " in " + str(dtype).removeprefix("torch.")
             raise RequestError(f"{name}: the {stage} tensor would hold NaN or Inf{where} (a weight or alpha too "
                                "large?); nothing was written")
         return stored
@@ -151,7 +152,7 @@ def merge_into_model(model: torch.nn.Module, adapters: Sequence[Adapter], weight
     inverse needs (for kinds that keep something) is left in ``model.adapterkit_kept``."""
     for number, adapter in enumerate(adapters, 1):
         check_base(adapter, model, f"adapter {number}", force)
-    plan = MergePlan(adapters, weights, dict(model.named_parameters()))
+    plan = MergePlan(adapters, weights, _parameter_names(model))
     _apply_to_model(model, plan)
     if plan.kept:
         model.adapterkit_kept = plan.kept
@@ -162,15 +163,26 @@ def unmerge_from_model(model: torch.nn.Module, adapters: Sequence[Adapter], weig
                        ) -> torch.nn.Module:
     """Undo what :func:`merge_into_model` did (same adapters and weights); returns the model."""
     kept = getattr(model, "adapterkit_kept", None)
-    _apply_to_model(model, MergePlan(adapters, weights, dict(model.named_parameters()), sign=-1.0, kept=kept))
+    _apply_to_model(model, MergePlan(adapters, weights, _parameter_names(model), sign=-1.0, kept=kept))
     return model
+
+
+def _parameter_names(model: torch.nn.Module) -> list[str]:
+    """Every name a parameter has, tied ones too (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``)."""
+    return [name for name, _ in model.named_parameters(remove_duplicate=False)]
 
 
 def _apply_to_model(model: torch.nn.Module, plan: MergePlan) -> None:
     if plan.additions:
         raise RequestError(f"the adapter brings {sorted(plan.additions)[0]}, which this model has no parameter for")
+    changed: dict[int, str] = {}
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if plan.touches(name):  # refused before it is copied: a model is never left with a non-finite tensor
-                parameter.copy_(plan.apply(name, parameter))
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            if not plan.touches(name):
+                continue
+            if id(parameter) in changed:  # one tensor under two names: changing it twice would be wrong
+                raise RequestError(f"{name} is the same tensor as {changed[id(parameter)]} (tied weights): the "
+                                   "adapter changes both names; target one of them")
+            parameter.copy_(plan.apply(name, parameter))  # refused before it is copied if not finite
+            changed[id(parameter)] = name
     plan.check_done()

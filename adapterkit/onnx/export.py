@@ -150,7 +150,7 @@ def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | No
         axis = get_kind(kind).runtime.dynamic_axes.get(role)
         if axis is None:
             slot_examples.append(default)
-            slot_shapes.append(None)
+            slot_shapes.append({})  # every dim static ({}, not None, which pytrees drop)
             continue
         # the roles of one (module, kind) share their dim: LoRA's A and B their rank, a prefix's keys and values p
         dim = slot_dims.setdefault((module, kind), Dim(f"{kind}_{number}"))

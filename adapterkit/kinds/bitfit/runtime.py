@@ -44,10 +44,10 @@ class BitFitRuntime(Runtime):
                                f"but {path} gives outputs of size {size}")
 
     def merge(self, component, target, roles, parameter, tensor, weight):
-        tensor.add_(to_torch(roles["bias"]).float(), alpha=weight)
+        tensor.add_(to_torch(roles["bias"]).to(tensor.dtype), alpha=weight)
 
     def unmerge(self, component, target, roles, parameter, tensor, weight, record):
-        tensor.add_(to_torch(roles["bias"]).float(), alpha=-weight)
+        tensor.add_(to_torch(roles["bias"]).to(tensor.dtype), alpha=-weight)
 
     def candidates(self, model, head):
         return [name for name, module in model.named_modules() if targets.outside(name, head)

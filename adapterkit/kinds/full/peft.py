@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from adapterkit.errors import RequestError
 from adapterkit.manifest import Component
 
 #: the PEFT types whose files can carry whole modules
@@ -38,6 +39,8 @@ def _is_saved_module(module: str, saved_modules: list[str]) -> bool:
 
 
 def write(component: Component, tensors: dict, config: dict, context: dict) -> dict[str, np.ndarray]:
+    if context.get("base") is not None:
+        _refuse_tied(component, context["base"])
     # A LoRA target's own weights saved whole go under base_layer; any other module is a module to save.
     wrapped = context.get("wrapped", set())
     config["modules_to_save"] = [t for t in component.targets if t not in wrapped] or None
@@ -46,3 +49,22 @@ def write(component: Component, tensors: dict, config: dict, context: dict) -> d
         module = f"{target}.base_layer" if target in wrapped else target
         out.update({f"{module}.{parameter}": tensor for parameter, tensor in roles.items()})
     return out
+
+
+def _refuse_tied(component: Component, base) -> None:
+    """PEFT's modules_to_save replaces a copy of one module: a parameter tied to another module's (GPT-2's embedding
+    is its head) would keep its base value there, while adapterkit replaces the tensor under every name."""
+    from adapterkit.targets import resolve_module, skeleton
+
+    model = skeleton(base)
+    modules = dict(model.named_modules())
+    names = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    for target in component.targets:
+        module = modules.get(resolve_module(target, modules) or target)
+        for parameter_name, parameter in (module.named_parameters(recurse=False) if module is not None else ()):
+            if len(names[id(parameter)]) > 1:
+                raise RequestError(f"{target}.{parameter_name} is one tensor under the names "
+                                   f"{', '.join(names[id(parameter)])}: PEFT's modules_to_save would replace it "
+                                   "under one name only")

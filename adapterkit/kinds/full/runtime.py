@@ -31,6 +31,12 @@ class Replaced(torch.nn.Module):
         return self.source.tensors()[self.name]
 
 
+def _aliases(model: torch.nn.Module, parameter: torch.nn.Parameter) -> list[tuple[torch.nn.Module, str]]:
+    """Every (module, attribute) that holds ``parameter``."""
+    return [(module, name) for module in model.modules() for name, held in module._parameters.items()
+            if held is parameter]
+
+
 def _unparametrize(module: torch.nn.Module, name: str, order: list[str]) -> None:
     """Remove the parametrization of ``name``: the module gets its own parameter object back, in its old place
     among the module's parameters (so ``named_parameters()`` and state dicts keep their order)."""
@@ -68,10 +74,15 @@ class FullRuntime(Runtime):
     def install(self, handle, path, key, source, scale) -> None:
         module = innermost(handle.model.get_submodule(path))
         for name in source.tensors():
-            if module._parameters.get(name) is not None:
-                order = list(module._parameters)
-                parametrize.register_parametrization(module, name, Replaced(source, name), unsafe=True)
-                handle.on_detach(lambda name=name, order=order: _unparametrize(module, name, order))
+            original = module._parameters.get(name)
+            if original is not None:
+                # a tied parameter (GPT-2's head is its embedding) is replaced under every name it has, as in a
+                # checkpoint, which stores it once
+                for owner, attribute in _aliases(handle.model, original):
+                    order = list(owner._parameters)
+                    parametrize.register_parametrization(owner, attribute, Replaced(source, name), unsafe=True)
+                    handle.on_detach(lambda owner=owner, attribute=attribute, order=order:
+                                     _unparametrize(owner, attribute, order))
             else:  # the base has no such tensor: the entry's becomes the module's own
                 tensor = source.tensors()[name]
                 if not isinstance(tensor, torch.nn.Parameter):
@@ -85,8 +96,9 @@ class FullRuntime(Runtime):
     # Merging replaces the tensor: the merge plan copies it in place of the base's (see adapterkit.merge).
 
     def candidates(self, model, head):
-        return [name for name, module in model.named_modules()
-                if any(True for _ in module.parameters(recurse=False)) and targets.outside(name, head)]
+        """Every module that owns a parameter, counting a tied parameter once (GPT-2's head shares the embedding)."""
+        owners = {name.rpartition(".")[0] for name, _ in model.named_parameters()}
+        return [name for name, _ in model.named_modules() if name in owners and targets.outside(name, head)]
 
     def initial(self, model, names, options, generator):
         tensors = {name: {parameter: value.detach().to("cpu", torch.float32, copy=True)

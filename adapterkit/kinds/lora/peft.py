@@ -85,6 +85,7 @@ def write(component: Component, tensors: dict, config: dict, context: dict) -> d
                   use_rslora=component.params.get("scaling", "standard") == "rslora",
                   fan_in_fan_out=bool(component.params.get("fan_in_fan_out", False)))
     context["wrapped"] = set(component.targets)
+    embeddings = _embeddings(component, context.get("base"))
     out = {}
     for target, roles in tensors.items():
         rank, alpha = component.param(target, "rank"), component.param(target, "alpha")
@@ -94,10 +95,25 @@ def write(component: Component, tensors: dict, config: dict, context: dict) -> d
             config["alpha_pattern"][target] = alpha
         if component.param(target, "scaling", "standard") != component.params.get("scaling", "standard"):
             raise RequestError(f"target {target!r} overrides the scaling rule, which PEFT cannot express")
-        # An embedding is the one module PEFT stores with ΔW = (B·A)ᵀ when fan_in_fan_out is off for the rest.
-        is_embedding = component.param(target, "fan_in_fan_out", False) and not config["fan_in_fan_out"]
-        names = ("lora_embedding_A", "lora_embedding_B") if is_embedding else ("lora_A.weight", "lora_B.weight")
+        names = ("lora_embedding_A", "lora_embedding_B") if target in embeddings else ("lora_A.weight", "lora_B.weight")
         out[f"{target}.{names[0]}"] = roles["lora_A"]
         out[f"{target}.{names[1]}"] = (roles["lora_B"].astype(np.float32) * np.float32(component.weight)
                                        if component.weight != 1 else roles["lora_B"])  # w·ΔW = s·(w·B)·A
     return out
+
+
+def _embeddings(component: Component, base) -> set[str]:
+    """The targets that are embeddings (PEFT names their factors ``lora_embedding_A/B``; for Linear and Conv1D
+    modules PEFT sets the layout from the module type itself). With the base, from its module types; without it,
+    the targets whose layout differs from the component's [in, out] (an embedding among Linear modules)."""
+    if base is not None:
+        import torch
+
+        from adapterkit.targets import resolve_module, skeleton
+
+        model = skeleton(base)
+        modules = dict(model.named_modules())
+        return {t for t in component.targets
+                if isinstance(modules.get(resolve_module(t, modules) or t), torch.nn.Embedding)}
+    common = bool(component.params.get("fan_in_fan_out", False))
+    return {t for t in component.targets if component.param(t, "fan_in_fan_out", False) and not common}

@@ -77,7 +77,7 @@ class LoRARuntime(Runtime):
 
     def _add(self, component, target, roles, tensor, weight) -> None:
         """tensor += w·s·B·A (or its transpose), in one GEMM pass: ΔW itself is never formed."""
-        a, b = to_torch(roles["lora_A"]).float(), to_torch(roles["lora_B"]).float()
+        a, b = to_torch(roles["lora_A"]).to(tensor.dtype), to_torch(roles["lora_B"]).to(tensor.dtype)
         expected = [b.shape[0], a.shape[1]]
         transposed = bool(component.param(target, "fan_in_fan_out", False))
         if list(tensor.shape) != (expected[::-1] if transposed else expected):
@@ -101,7 +101,7 @@ class LoRARuntime(Runtime):
 
     def initial(self, model, names, options, generator):
         rank = options["rank"]
-        tensors, target_params = {}, {}
+        tensors, layouts = {}, {}
         for name in names:
             module = model.get_submodule(name)
             in_features, out_features = features(module)
@@ -113,9 +113,11 @@ class LoRARuntime(Runtime):
                 bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=√5) on a [rank, in] matrix, as nn.Linear does
                 tensors[name] = {"lora_A": a.uniform_(-bound, bound, generator=generator),
                                  "lora_B": torch.zeros(out_features, rank)}
-            if isinstance(module, (Conv1D, torch.nn.Embedding)):  # stored [in, out]: ΔWᵀ is added
-                target_params[name] = {"fan_in_fan_out": True}
-        params = {"rank": rank, "alpha": options["alpha"], "scaling": "standard", "fan_in_fan_out": False}
+            layouts[name] = isinstance(module, (Conv1D, torch.nn.Embedding))  # stored [in, out]: ΔWᵀ is added
+        # the most common layout is the component's (GPT-2: every target a Conv1D); the others override it
+        common = sum(layouts.values()) * 2 > len(layouts)
+        target_params = {name: {"fan_in_fan_out": layout} for name, layout in layouts.items() if layout != common}
+        params = {"rank": rank, "alpha": options["alpha"], "scaling": "standard", "fan_in_fan_out": common}
         return params, target_params, tensors
 
 
