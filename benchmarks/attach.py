@@ -14,15 +14,17 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adapterkit import Adapter, BaseModel, Component, Manifest, fingerprint
-from adapterkit.adapter import tensor_name
+from adapterkit import Adapter
 from adapterkit.attach import attach
+from adapterkit.converters import peft as peft_format
 from adapterkit.merge import merge_into_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -49,37 +51,27 @@ def timed(runs: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def lora_pair(model, rank: int):
+def from_peft(peft_model, model, folder: Path) -> Adapter:
+    """Our adapter for a PEFT model, made as a user makes it: PEFT saves its folder, our converter reads it (with the
+    base saved beside it, which a prefix needs to find the modules that read it)."""
+    model.save_pretrained(folder / "base")
+    peft_model.save_pretrained(folder / "peft")
+    return peft_format.read(folder / "peft", base=folder / "base")
+
+
+def lora_pair(model, rank: int, folder: Path):
     """Our LoRA adapter and a PeftModel holding the same A and B."""
     targets = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS]
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
                                                                  init_lora_weights=False))
-    modules = dict(peft_model.base_model.model.named_modules())
-    tensors = {}
-    for target in targets:
-        tensors[tensor_name("lora", target, "lora_A")] = modules[target].lora_A["default"].weight.detach().clone()
-        tensors[tensor_name("lora", target, "lora_B")] = modules[target].lora_B["default"].weight.detach().clone()
-    params = {"rank": rank, "alpha": 2.0 * rank, "scaling": "standard", "fan_in_fan_out": False}
-    manifest = Manifest([Component("lora", "lora", targets, params)], BaseModel("bench", None, fingerprint(model)))
-    return Adapter(manifest, tensors), peft_model
+    return from_peft(peft_model, model, folder / "lora"), peft_model
 
 
-def prefix_pair(model, length: int):
+def prefix_pair(model, length: int, folder: Path):
     """Our prefix adapter and a PEFT prefix-tuning model holding the same keys and values."""
     peft_model = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
                                                                          num_virtual_tokens=length)).eval()
-    config = peft_model.active_peft_config
-    heads = config.num_attention_heads
-    per_layer = peft_model.prompt_encoder["default"].embedding.weight.detach().view(
-        length, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
-    targets = [f"model.layers.{i}.self_attn" for i in range(config.num_layers)]
-    tensors = {}
-    for i, target in enumerate(targets):
-        tensors[tensor_name("prefix", target, "prefix_key")] = per_layer[2 * i].clone()
-        tensors[tensor_name("prefix", target, "prefix_value")] = per_layer[2 * i + 1].clone()
-    manifest = Manifest([Component("prefix", "prefix", targets, {"prefix_length": length})],
-                        BaseModel("bench", None, fingerprint(model)))
-    return Adapter(manifest, tensors), peft_model
+    return from_peft(peft_model, model, folder / "prefix"), peft_model
 
 
 def main() -> None:
@@ -95,8 +87,9 @@ def main() -> None:
     def forward(m):
         return lambda: m(input_ids=ids, use_cache=False).logits
 
-    lora, peft_lora = lora_pair(model, rank=16)
-    prefix, peft_prefix = prefix_pair(model, length=16)
+    with tempfile.TemporaryDirectory() as folder:
+        lora, peft_lora = lora_pair(model, 16, Path(folder))
+        prefix, peft_prefix = prefix_pair(model, 16, Path(folder))
     with_lora, with_prefix = copy.deepcopy(model), copy.deepcopy(model)
     attach(with_lora, lora)
     attach(with_prefix, prefix)

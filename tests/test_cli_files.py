@@ -137,3 +137,33 @@ def test_help_lists_every_command_without_importing_torch():
     assert all(name in printed for name in COMMANDS)
     for name in COMMANDS:  # and each listed command exists
         assert isinstance(cli.get_command(None, name), click.Command), name
+
+
+def test_the_format_layer_commands_run_without_torch(tmp_path):
+    """inspect, validate, fingerprint of a file, compose and convert (LoRA to and from PEFT) are numpy work: they
+    must not import torch or transformers (whose import alone takes seconds)."""
+    import subprocess
+    import sys
+
+    import tiny_models
+    from adapterkit import save
+
+    model = tiny_models.llama()
+    model.save_pretrained(tmp_path / "base")
+    save(tiny_models.random_lora(model, ["model.layers.0.self_attn.q_proj"]), tmp_path / "a.safetensors")
+    save(tiny_models.random_lora(model, ["model.layers.1.self_attn.v_proj"], seed=2), tmp_path / "b.safetensors")
+    commands = [
+        ["inspect", tmp_path / "a.safetensors"],
+        ["validate", tmp_path / "a.safetensors", tmp_path / "b.safetensors"],
+        ["fingerprint", tmp_path / "base" / "model.safetensors"],
+        ["compose", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--method", "svd", "--rank", "2",
+         "-o", tmp_path / "c.safetensors"],
+        ["convert", tmp_path / "c.safetensors", "--to", "peft", "-o", tmp_path / "peft"],
+        ["convert", tmp_path / "peft", "-o", tmp_path / "back.safetensors"],
+    ]
+    for command in commands:
+        script = ("import sys\nfrom adapterkit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+                  "    assert not e.code, e.code\nprint(sorted({'torch', 'transformers'} & set(sys.modules)))")
+        done = subprocess.run([sys.executable, "-c", script, *map(str, command)], capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stderr)
+        assert done.stdout.strip().splitlines()[-1] == "[]", (command[0], done.stdout)
