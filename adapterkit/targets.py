@@ -94,6 +94,63 @@ def query_value_projections(model, excluded: Sequence[str] = ()) -> list[str]:
     return projections(model, "fused", excluded)
 
 
+def key_value_projections(model, excluded: Sequence[str] = ()) -> list[str]:
+    """Each attention module's key and value projections, or its fused projection (what (IA)³ rescales)."""
+    separate = projections(model, "key", excluded) + projections(model, "value", excluded)
+    if separate:
+        return sorted(separate, key=_model_order(model))
+    return projections(model, "fused", excluded)
+
+
+def _attention_units(model, excluded: Sequence[str]) -> list[tuple[str, str]]:
+    """``(attention unit, block)`` per attention module: the unit is the module that calls attention, or its parent
+    when that parent is an attention wrapper too (BERT's ``BertAttention`` holds the call and the output projection);
+    the block (a transformer layer) is the unit's parent."""
+    units = []
+    modules = dict(model.named_modules())
+    for path in attention_modules(model, excluded):
+        parent = path.rpartition(".")[0]
+        unit = parent if parent and "Attention" in type(modules[parent]).__name__ else path
+        units.append((unit, unit.rpartition(".")[0]))
+    return units
+
+
+def _linears_under(model, path: str) -> list[tuple[str, object]]:
+    prefix = f"{path}." if path else ""
+    return [(name, module) for name, module in model.named_modules()
+            if name.startswith(prefix) and isinstance(module, linear_types())]
+
+
+def _fan(module) -> tuple[int, int]:
+    """(in, out) of a Linear ([out, in] weight) or a Conv1D ([in, out] weight)."""
+    rows, columns = module.weight.shape
+    return (columns, rows) if hasattr(module, "in_features") else (rows, columns)
+
+
+def attention_outputs(model, excluded: Sequence[str] = ()) -> list[str]:
+    """Each attention unit's output projection: its last linear layer (``o_proj``, GPT-2's ``attn.c_proj``, BERT's
+    ``attention.output.dense``), after which a bottleneck adapter of Houlsby et al. sits."""
+    found = []
+    for unit, _ in _attention_units(model, excluded):
+        linears = _linears_under(model, unit)
+        if linears:
+            found.append(linears[-1][0])
+    return found
+
+
+def feedforward_outputs(model, excluded: Sequence[str] = ()) -> list[str]:
+    """Each block's feed-forward output projection: the last linear layer of the block outside its attention unit
+    that maps a wider input to a narrower output (Llama's ``mlp.down_proj``, GPT-2's ``mlp.c_proj``, BERT's
+    ``output.dense``)."""
+    found = []
+    for unit, block in _attention_units(model, excluded):
+        narrowing = [name for name, module in _linears_under(model, block)
+                     if not (name == unit or name.startswith(unit + ".")) and _fan(module)[0] > _fan(module)[1]]
+        if narrowing:
+            found.append(narrowing[-1])
+    return found
+
+
 def linear_types() -> tuple[type, ...]:
     import torch
     from transformers.pytorch_utils import Conv1D

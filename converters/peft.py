@@ -38,9 +38,18 @@ def detect(path) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def _methods() -> dict[str, object]:
-    """PEFT type -> the peft mapping of the kind that is that PEFT method."""
-    return {m.PEFT_TYPE: m for m in (kind.peft for kind in KINDS.values()) if m is not None and hasattr(m, "PEFT_TYPE")}
+def _methods() -> list:
+    """The peft mappings of the kinds that are a PEFT method, in registry order."""
+    return [m for m in (kind.peft for kind in KINDS.values()) if m is not None and hasattr(m, "PEFT_TYPE")]
+
+
+def _method_for(config: dict):
+    """The mapping that reads a config: its PEFT type, and the kind's own test where one PEFT type holds several
+    kinds (``LORA`` with ``use_dora`` is DoRA)."""
+    for method in _methods():
+        if method.PEFT_TYPE == config.get("peft_type") and getattr(method, "claims", lambda c: True)(config):
+            return method
+    return None
 
 
 def _riders(peft_type: str) -> list[tuple[str, object]]:
@@ -60,10 +69,10 @@ def read(path, base=None) -> Adapter:
     config = _read_config(folder)
     tensors = _read_weights(folder)
     try:
-        method = _methods().get(config.get("peft_type"))
+        method = _method_for(config)
         if method is None:
             raise FormatError(f"PEFT type {config.get('peft_type')!r} is not supported "
-                              f"({' and '.join(_methods())} are)")
+                              f"({', '.join(sorted({m.PEFT_TYPE for m in _methods()}))} are)")
         context = {"base": base}
         found = method.read(config, tensors, context)
         for _, rider in _riders(method.PEFT_TYPE):
@@ -146,7 +155,7 @@ def write(adapter: Adapter, path, base=None, inputs=()) -> None:
         rider = next((KINDS[name].peft for name in by_kind if KINDS[name].peft is not None), None)
         if rider is None:
             raise RequestError(f"PEFT has no equivalent for a {next(iter(by_kind))} component", path)
-        method = _methods()[rider.RIDES_ON[0]]
+        method = next(m for m in _methods() if m.PEFT_TYPE == rider.RIDES_ON[0])
     for name in by_kind:
         kind = KINDS[name]
         if kind.peft is None or (kind.peft is not method and method.PEFT_TYPE not in getattr(kind.peft, "RIDES_ON", ())):

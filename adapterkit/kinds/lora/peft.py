@@ -23,6 +23,11 @@ SUFFIXES = {".lora_A.weight": ("lora_A", False), ".lora_B.weight": ("lora_B", Fa
             ".lora_embedding_A": ("lora_A", True), ".lora_embedding_B": ("lora_B", True)}
 
 
+def claims(config: dict) -> bool:
+    """A LORA config is ours unless it is DoRA's (``use_dora``)."""
+    return not config.get("use_dora")
+
+
 def empty_config() -> dict:
     """The config of a PEFT LoRA adapter before any component fills it (other kinds ride on it: biases, heads)."""
     return {"peft_type": PEFT_TYPE, "task_type": None, "r": 8, "lora_alpha": 8, "target_modules": [],
