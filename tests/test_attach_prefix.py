@@ -126,3 +126,22 @@ def test_generate_with_a_cache_follows_peft_greedy_decoding(tmp_path):
             generated = model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4,
                                        do_sample=False)
     assert torch.equal(generated, expected)
+
+
+def test_a_prefix_on_a_module_no_attention_call_reads_is_refused():
+    """BERT's ``attention`` holds the module that calls attention (``attention.self``) but does not call it itself:
+    a prefix there would be read by nothing (the bug of an earlier converter), so attach refuses it by name."""
+    from adapterkit.errors import RequestError
+
+    model = tiny_models.bert()
+    targets = [f"encoder.layer.{i}.attention" for i in range(2)]
+    shape = (4, PREFIX_LENGTH, 8)
+    adapter = Adapter(Manifest([Component("prefix", "prefix", targets, {"prefix_length": PREFIX_LENGTH})]),
+                      {f"prefix.{t}.{role}": np.ones(shape, np.float32) for t in targets
+                       for role in ("prefix_key", "prefix_value")})
+    before = snapshot(model)
+    with pytest.raises(RequestError, match=r"encoder\.layer\.0\.attention' \(BertAttention\) does not call the "
+                                           r"attention function"):
+        attach(model, adapter)
+    assert_restored(model, before)
+    assert model.config._attn_implementation == "sdpa"
