@@ -66,8 +66,8 @@ class FileSystemError(AdapterError):
     def from_os_error(cls, exc: OSError, path: str | os.PathLike | None = None) -> "FileSystemError":
         """One line for an OSError: the path it names (or ``path``) and what went wrong, in plain words."""
         where = exc.filename if exc.filename is not None else path
-        words = cls.WORDS.get(exc.errno) or exc.strerror or type(exc).__name__
-        return cls(words[0].lower() + words[1:] if words else str(exc), where)
+        words = cls.WORDS.get(exc.errno) or exc.strerror or (str(exc).splitlines() or [""])[0]
+        return cls(words[0].lower() + words[1:] if words else type(exc).__name__, where)
 
 
 class RequestError(AdapterError):
