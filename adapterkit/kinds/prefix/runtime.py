@@ -55,22 +55,38 @@ class PrefixStore(torch.nn.Module):
         """p, the number of prefix positions (symbolic while exporting)."""
         return functools.reduce(lambda a, b: a + b, (s.tensors()["prefix_key"].shape[1] for s in self.sources))
 
-    def extend(self, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None):
+    def extend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, sliding_window: int | None = None):
         """Put the prefixes ([kv_heads, pᵢ, head_dim] each) in front of key/value ([batch, kv_heads, n, head_dim]),
         giving [batch, kv_heads, p+n, head_dim], and grow the mask to match."""
         held = [source.tensors() for source in self.sources]
-        batch = key.shape[0]
+        batch, tokens = key.shape[0], key.shape[2]
         key = torch.cat([*(t["prefix_key"].expand(batch, -1, -1, -1) for t in held), key], dim=2)
         value = torch.cat([*(t["prefix_value"].expand(batch, -1, -1, -1) for t in held), value], dim=2)
-        return key, value, _extend_mask(attention_mask, self.length)
+        return key, value, _extend_mask(attention_mask, self.length, query.shape[2], tokens, sliding_window)
 
 
-def _extend_mask(attention_mask: torch.Tensor | None, p) -> torch.Tensor | None:
-    """Let every query attend to the p prefix columns in front (no mask means everything is attended already)."""
-    if attention_mask is None:
+def _extend_mask(attention_mask: torch.Tensor | None, p, queries, tokens, sliding_window: int | None):
+    """The mask with p prefix columns in front. The prefix holds positions 0..p-1 and query i position
+    p + (tokens - queries) + i (spec §6.4): every query may attend to the prefix, except, in a layer with a sliding
+    window w, to the prefix positions j it no longer sees (position - j ≥ w), as a key/value cache holding the prefix
+    would hide them. No mask and no window: everything is attended already."""
+    if attention_mask is None and sliding_window is None:
         return None
-    allowed = True if attention_mask.dtype == torch.bool else 0.0  # bool masks keep True, additive masks add 0
-    return F.pad(attention_mask, (p, 0), value=allowed)
+    if sliding_window is None:
+        allowed = True if attention_mask.dtype == torch.bool else 0.0  # bool masks keep True, additive masks add 0
+        return F.pad(attention_mask, (p, 0), value=allowed)
+    device = attention_mask.device if attention_mask is not None else None
+    positions = p + (tokens - queries) + torch.arange(queries, device=device)
+    visible = (positions[:, None] - torch.arange(p, device=device)[None, :]) < sliding_window  # [queries, p]
+    if attention_mask is None:  # the tokens see each other causally within the window
+        own = torch.arange(tokens, device=device)
+        distance = (tokens - queries + torch.arange(queries, device=device))[:, None] - own[None, :]
+        attention_mask = ((distance >= 0) & (distance < sliding_window))[None, None]
+    if attention_mask.dtype != torch.bool:
+        visible = torch.where(visible, 0.0, torch.finfo(attention_mask.dtype).min).to(attention_mask.dtype)
+    columns = visible[None, None].expand(attention_mask.shape[0], attention_mask.shape[1], -1, -1)
+    return torch.cat([columns, attention_mask], dim=-1)
 
 
 def _causal_mask(q_length: int, kv_length: int, device) -> torch.Tensor:
@@ -92,7 +108,7 @@ def _prefix_attention(implementation: str):
             causal = getattr(module, "is_causal", False) if causal is None else causal
             if attention_mask is None and causal:  # sdpa's is_causal would align the triangle wrongly once p is added
                 attention_mask = _causal_mask(query.shape[2], key.shape[2], query.device)
-            key, value, attention_mask = store.extend(key, value, attention_mask)
+            key, value, attention_mask = store.extend(query, key, value, attention_mask, kwargs.get("sliding_window"))
         return _original_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
     return attention
