@@ -74,11 +74,22 @@ def attention_modules(model, excluded: Sequence[str] = ()) -> list[str]:
     return [name for name, module in model.named_modules() if calls_attention(module) and outside(name, excluded)]
 
 
+def attention_layers(model, excluded: Sequence[str] = ()) -> list[str]:
+    """The attention modules for finding projections: those that call the attention function, or, in a family that
+    computes attention itself (Falcon), the innermost modules whose class name ends in ``Attention``."""
+    calling = attention_modules(model, excluded)
+    if calling:
+        return calling
+    named = [name for name, module in model.named_modules()
+             if type(module).__name__.endswith("Attention") and outside(name, excluded)]
+    return [name for name in named if not any(other.startswith(name + ".") for other in named)]
+
+
 def projections(model, role: str, excluded: Sequence[str] = ()) -> list[str]:
     """The ``role`` (query, key, value, output or fused) projections of every attention module: its direct children
     named as :data:`PROJECTION_NAMES` says."""
     found = []
-    for path in attention_modules(model, excluded):
+    for path in attention_layers(model, excluded):
         for child, module in model.get_submodule(path).named_children():
             if child in PROJECTION_NAMES[role] and isinstance(module, linear_types()):
                 found.append(f"{path}.{child}")
@@ -108,7 +119,7 @@ def _attention_units(model, excluded: Sequence[str]) -> list[tuple[str, str]]:
     the block (a transformer layer) is the unit's parent."""
     units = []
     modules = dict(model.named_modules())
-    for path in attention_modules(model, excluded):
+    for path in attention_layers(model, excluded):
         parent = path.rpartition(".")[0]
         unit = parent if parent and "Attention" in type(modules[parent]).__name__ else path
         units.append((unit, unit.rpartition(".")[0]))
@@ -128,13 +139,16 @@ def _fan(module) -> tuple[int, int]:
 
 
 def attention_outputs(model, excluded: Sequence[str] = ()) -> list[str]:
-    """Each attention unit's output projection: its last linear layer (``o_proj``, GPT-2's ``attn.c_proj``, BERT's
-    ``attention.output.dense``), after which a bottleneck adapter of Houlsby et al. sits."""
+    """Each attention unit's output projection (``o_proj``, GPT-2's ``attn.c_proj``, BERT's
+    ``attention.output.dense``), after which a bottleneck adapter of Houlsby et al. sits: the linear layer named as
+    an output, else the unit's last linear layer that is not a query, key, value or fused projection."""
+    inputs = {name for role in ("query", "key", "value", "fused") for name in PROJECTION_NAMES[role]}
     found = []
     for unit, _ in _attention_units(model, excluded):
-        linears = _linears_under(model, unit)
-        if linears:
-            found.append(linears[-1][0])
+        linears = [name for name, _ in _linears_under(model, unit) if name.rpartition(".")[2] not in inputs]
+        named = [name for name in linears if name.rpartition(".")[2] in PROJECTION_NAMES["output"]]
+        if named or linears:
+            found.append((named or linears)[-1])
     return found
 
 

@@ -149,13 +149,11 @@ def write(adapter: Adapter, path, base=None, inputs=()) -> None:
     methods = {name: KINDS[name].peft for name in by_kind if hasattr(KINDS[name].peft, "PEFT_TYPE")}
     if len(methods) > 1:
         raise RequestError(f"PEFT cannot hold {' and '.join(methods)} in one adapter", path)
-    if methods:
-        method = next(iter(methods.values()))
-    else:  # riders alone (BitFit, a head) travel in the files of the first method they ride on
-        rider = next((KINDS[name].peft for name in by_kind if KINDS[name].peft is not None), None)
-        if rider is None:
-            raise RequestError(f"PEFT has no equivalent for a {next(iter(by_kind))} component", path)
-        method = next(m for m in _methods() if m.PEFT_TYPE == rider.RIDES_ON[0])
+    if not methods:  # BitFit, a head: PEFT carries them only inside a method's files, which need a target
+        riders = ", ".join(by_kind)
+        raise RequestError(f"PEFT carries {riders} only inside a method's adapter (LoRA's bias= and "
+                           "modules_to_save): compose it with a LoRA first, or keep the adapterkit file", path)
+    method = next(iter(methods.values()))
     for name in by_kind:
         kind = KINDS[name]
         if kind.peft is None or (kind.peft is not method and method.PEFT_TYPE not in getattr(kind.peft, "RIDES_ON", ())):

@@ -55,7 +55,9 @@ class Exported:
 
 
 def load_base(folder: str | os.PathLike) -> torch.nn.Module:
-    """The model class named by the folder's ``config.json`` (``architectures``), loaded in float32, eval mode."""
+    """The model class named by the folder's ``config.json`` (``architectures``), loaded in float32, eval mode, with
+    sdpa attention where the family has it, else eager (Gemma2's soft-capping has no sdpa). Encoder-decoder models
+    are refused: the export has one token stream in and one tensor out."""
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
@@ -64,7 +66,11 @@ def load_base(folder: str | os.PathLike) -> torch.nn.Module:
     model_class = getattr(transformers, architecture or "", None)
     if model_class is None:
         raise FormatError(f"config.json names architecture {architecture!r}, which transformers does not know", folder)
-    model = model_class.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    if getattr(config, "is_encoder_decoder", False):
+        raise RequestError(f"{architecture} is an encoder-decoder model: the ONNX export supports decoder-only and "
+                           "encoder-only models", folder)
+    attention = "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+    model = model_class.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
     return model.eval()
 
 
