@@ -1,14 +1,16 @@
 """The base-model fingerprint (spec/SPEC.md §7): a short value that tells whether an adapter meets the base model it
 was trained on, computed the same way from a model folder, a single or sharded checkpoint, or a module in memory.
 
-Algorithm ``fp1``:
+Algorithm ``fp2`` (written since format 1.1; ``fp1`` is still checked):
 1. Take every floating-point tensor of the base with at least two dimensions (weight matrices and embeddings); for a
    module, its deduplicated parameters (tied weights count once), never its buffers nor the parameters of attached
-   adapters. Leave out excluded tensors.
+   adapters. Leave out excluded tensors, and (``fp2``) the tensors of task heads and poolers: those with a name
+   segment in :data:`HEAD_SEGMENTS`, which a head class adds or drops (RoBERTa's classifier model drops the
+   checkpoint's pooler), so that the fingerprint does not depend on which class loads the checkpoint.
 2. For each, a record: its shape as ``AxBxC``, a colon, and the sha256 (hex) of a content sample: the first and last
    slices along dimension 0 (``t[0]`` and ``t[-1]``), flattened, concatenated, converted to float32 and rounded to
    bfloat16 (round to nearest even), as little-endian 2-byte values.
-3. Sort the records, join them with ``\\n``, and hash: ``"fp1:" + sha256(utf-8 text).hexdigest()``.
+3. Sort the records, join them with ``\\n``, and hash: ``"fp2:" + sha256(utf-8 text).hexdigest()``.
 
 Names are left out on purpose: the same weights are named ``encoder.layer.0...`` in a ``BertModel`` checkpoint and
 ``bert.encoder.layer.0...`` inside ``BertForSequenceClassification``. Shapes and content still tell bases apart,
@@ -34,34 +36,44 @@ from adapterkit.io.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
+#: name segments of task heads and poolers, left out by fp2 (spec §7)
+HEAD_SEGMENTS = frozenset({"pooler", "cls", "lm_head", "embed_out", "classifier", "pre_classifier", "score",
+                           "qa_outputs", "vocab_transform", "vocab_projector", "vocab_layer_norm"})
+ALGORITHMS = ("fp1", "fp2")
+CURRENT = "fp2"
 
-def fingerprint(base, exclude: Iterable[str] = ()) -> str:
+
+def fingerprint(base, exclude: Iterable[str] = (), algorithm: str = CURRENT) -> str:
     """Fingerprint of ``base``: a model folder or safetensors file path, or a ``torch.nn.Module``.
 
     ``exclude`` names modules or tensors to leave out (a tensor is out when its name equals an entry or starts with
-    an entry followed by a dot), for example the task head an adapter brings with it.
+    an entry followed by a dot), for example the task head an adapter brings with it. ``algorithm`` is ``fp2`` (the
+    one written) or ``fp1`` (to check files that record one).
     """
     excluded = tuple(exclude)
-    records = sorted(_record(shape, first, last) for shape, first, last in _samples(base, excluded))
-    return "fp1:" + hashlib.sha256("\n".join(records).encode()).hexdigest()
+    heads = algorithm == "fp2"
+    records = sorted(_record(shape, first, last) for shape, first, last in _samples(base, excluded, heads))
+    return f"{algorithm}:" + hashlib.sha256("\n".join(records).encode()).hexdigest()
 
 
-def _is_excluded(name: str, excluded: tuple[str, ...]) -> bool:
+def _is_excluded(name: str, excluded: tuple[str, ...], heads: bool) -> bool:
+    if heads and not HEAD_SEGMENTS.isdisjoint(name.split(".")[:-1]):
+        return True
     return any(name == e or name.startswith(e + ".") for e in excluded)
 
 
-def _samples(base, excluded) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+def _samples(base, excluded, heads) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
     if not isinstance(base, (str, os.PathLike)):  # a torch module
         from adapterkit.attach import is_adapter_parameter
 
         for name, parameter in base.named_parameters():
-            if (parameter.is_floating_point() and parameter.ndim >= 2 and not _is_excluded(name, excluded)
+            if (parameter.is_floating_point() and parameter.ndim >= 2 and not _is_excluded(name, excluded, heads)
                     and not is_adapter_parameter(parameter)):
                 yield list(parameter.shape), as_array(parameter[0]), as_array(parameter[-1])
         return
     with Checkpoint(os.fspath(base)) as checkpoint:
         for name in checkpoint.names():
-            if _is_excluded(name, excluded):
+            if _is_excluded(name, excluded, heads):
                 continue
             entry = checkpoint.entry(name)
             if entry.dtype in FLOAT_NAMES and len(entry.shape) >= 2 and entry.shape[0] > 0:
@@ -91,8 +103,16 @@ def check_base(adapter, base, where: str, force: bool = False, replaced: Iterabl
         log.warning("%s records no base fingerprint: cannot check that it belongs to this base", where)
         return
     replaced = list(replaced_targets(adapter) if replaced is None else replaced)
-    actual = fingerprint(base, exclude=replaced)
-    if actual == expected or (replaced and expected == fingerprint(base)):
+    algorithm = expected.partition(":")[0]
+    if algorithm not in ALGORITHMS:  # from a newer adapterkit: this one cannot check it
+        if force:
+            log.warning("%s records a fingerprint of an unknown algorithm (%s); going on anyway (force)", where,
+                        algorithm)
+            return
+        raise BaseMismatchError(f"{where} records a fingerprint of an algorithm this adapterkit does not know "
+                                f"({algorithm}): it cannot check the base; pass --force (force=True) to go on")
+    actual = fingerprint(base, exclude=replaced, algorithm=algorithm)
+    if actual == expected or (replaced and expected == fingerprint(base, algorithm=algorithm)):
         return
     if force:
         log.warning("%s was made for base %s but this base is %s; going on anyway (force)", where, expected, actual)

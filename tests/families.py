@@ -31,6 +31,9 @@ FAMILIES = {
 }
 
 
+ENCODERS = ("bert", "roberta", "distilbert")
+
+
 def build(family: str, seed: int = 0) -> torch.nn.Module:
     config_name, model_name, options = FAMILIES[family]
     torch.manual_seed(seed)

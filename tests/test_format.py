@@ -90,3 +90,16 @@ def test_fingerprint_is_the_same_from_module_folder_and_file(tmp_path):
     value = fingerprint(model)
     assert value == fingerprint(tmp_path / "m") == fingerprint(single) == fingerprint(single / "model.safetensors")
     assert value != fingerprint(tiny_models.llama(seed=1)), "same shapes, other weights: must differ"
+
+
+def test_the_fingerprint_does_not_depend_on_the_head_class(tmp_path):
+    """RoBERTa's classifier drops the checkpoint's pooler and adds a head: fp2 (spec §7) leaves both out, so the
+    folder and every class loading it agree; fp1, which counts the pooler, does not."""
+    from transformers import RobertaForSequenceClassification
+
+    import families
+
+    families.build("roberta").save_pretrained(tmp_path / "roberta")
+    classifier = RobertaForSequenceClassification.from_pretrained(tmp_path / "roberta", num_labels=2)
+    assert fingerprint(tmp_path / "roberta") == fingerprint(classifier) == fingerprint(families.build("roberta"))
+    assert fingerprint(tmp_path / "roberta", algorithm="fp1") != fingerprint(classifier, algorithm="fp1")

@@ -55,6 +55,8 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
         raise FormatError(f"cannot load the base model for {task}: {exc}", path) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:  # a decoder's classifier finds each row's last token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
     parameters = dict(model.named_parameters())
     head = sorted({name.rpartition(".")[0] for name in info.get("missing_keys", ()) if name in parameters})
     if head:

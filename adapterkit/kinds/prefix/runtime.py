@@ -142,22 +142,37 @@ def _stores(handle) -> list[PrefixStore]:
     original = use_prefix_attention(model)
     handle.on_detach(lambda: model.set_attn_implementation(original))
     stores = handle.shared["prefix_stores"] = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: _shift_positions(stores, args, kwargs),
-                                           with_kwargs=True)
+    numbering = _padding_aware_positions(model)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: _shift_positions(stores, numbering, args, kwargs), with_kwargs=True)
     handle.on_detach(hook.remove)
     return stores
 
 
-def _shift_positions(stores: list[PrefixStore], args, kwargs):
-    """position_ids + p, as when PEFT feeds the prefix as past key/values (see the module docstring)."""
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
-        cache = kwargs.get("past_key_values") or kwargs.get("cache")
-        cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        position_ids = torch.arange(cached, cached + tokens.shape[1], device=tokens.device).unsqueeze(0)
+def _padding_aware_positions(model: torch.nn.Module):
+    """The module that numbers positions from the token ids, skipping padding (RoBERTa's embeddings:
+    ``create_position_ids_from_input_ids``, numbering from ``padding_idx + 1``), or None."""
+    return next((m for m in model.modules()
+                 if callable(getattr(m, "create_position_ids_from_input_ids", None)) and hasattr(m, "padding_idx")),
+                None)
+
+
+def _shift_positions(stores: list[PrefixStore], numbering, args, kwargs):
+    """The positions the model gives its tokens after p cached ones, as when PEFT feeds the prefix as past
+    key/values (see the module docstring): ``position_ids`` + p, or the model's own padding-aware numbering
+    continued after p (RoBERTa)."""
     longest = functools.reduce(torch.sym_max, (store.length for store in stores))
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        return args, {**kwargs, "position_ids": position_ids + longest}
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    cache = kwargs.get("past_key_values") or kwargs.get("cache")
+    cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if numbering is not None and tokens is not None:
+        position_ids = numbering.create_position_ids_from_input_ids(tokens, numbering.padding_idx, cached + longest)
+        return args, {**kwargs, "position_ids": position_ids}
+    tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+    position_ids = torch.arange(cached, cached + tokens.shape[1], device=tokens.device).unsqueeze(0)
     return args, {**kwargs, "position_ids": position_ids + longest}
 
 
