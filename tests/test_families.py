@@ -146,3 +146,30 @@ def test_peft_loads_what_we_write_for_every_family(folders, tmp_path):
         peft_format.write(adapter, tmp_path / family, base=folders / family)
         reloaded = PeftModel.from_pretrained(families.build(family), tmp_path / family).eval()
         torch.testing.assert_close(output(reloaded), output(peft_model), atol=1e-6, rtol=0)
+
+
+def test_t5_lora_attaches_and_merges_as_peft(tmp_path):
+    """An encoder-decoder cannot be exported, but its LoRA converts, attaches and merges like PEFT's."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    def build():
+        torch.manual_seed(0)
+        return T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                   num_heads=4)).eval()
+
+    model = build()
+    model.save_pretrained(tmp_path / "t5")
+    targets = choose_targets(model, "lora", None)
+    peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                    init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    adapter = peft_format.read(tmp_path / "peft", base=tmp_path / "t5")
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=IDS, decoder_input_ids=IDS[:, :5]).logits
+
+    reference = logits(peft_model)
+    with attach(model, adapter):
+        torch.testing.assert_close(logits(model), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(merge_into_model(model, [adapter])), reference, atol=1e-5, rtol=0)
