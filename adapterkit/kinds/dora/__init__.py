@@ -58,7 +58,7 @@ class DoRA(Kind):
         return {"ranks": sorted({int(roles["lora_A"].shape[0]) for roles in tensors.values()})}
 
     def detail(self, entry) -> str:
-        text = f"rank {'/'.join(map(str, entry['ranks']))}, alpha {entry['params'].get('alpha')}, magnitude"
+        text = f"rank {'/'.join(map(str, entry['ranks']))}, alpha {entry['params'].get('alpha')}"
         if entry["params"].get("scaling", "standard") != "standard":
             text += f" ({entry['params']['scaling']})"
         return text
