@@ -33,6 +33,7 @@ from adapterkit.kinds.base import Kind
 #: every kind, in the order composites and summaries list them ("module:class"), one line each
 REGISTERED = (
     "adapterkit.kinds.lora:LoRA",
+    "adapterkit.kinds.dora:DoRA",
     "adapterkit.kinds.bitfit:BitFit",
     "adapterkit.kinds.prefix:Prefix",
     "adapterkit.kinds.full:Full",
