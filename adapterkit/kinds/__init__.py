@@ -35,6 +35,7 @@ REGISTERED = (
     "adapterkit.kinds.lora:LoRA",
     "adapterkit.kinds.bitfit:BitFit",
     "adapterkit.kinds.prefix:Prefix",
+    "adapterkit.kinds.adapter:BottleneckAdapter",
     "adapterkit.kinds.full:Full",
 )
 
