@@ -234,7 +234,9 @@ def _file_with(change) -> Adapter:
      "size mismatch"),
     (lambda a: a.tensors.update({k: np.zeros((2, 32, 1), np.float32) for k in a.tensors if k.endswith(".down")}),
      "must be 2-D"),
-    (lambda a: a.manifest.components[0].params.update(placement="everywhere"), "placement"),
+    (lambda a: a.manifest.components[0].params.update(placement=3), "placement must be a string"),
+    (lambda a: a.manifest.components[0].params.update(bottleneck=2.5), "bottleneck must be an integer"),
+    (lambda a: a.manifest.components[0].params.pop("non_linearity"), "unknown non_linearity None"),
 ])
 def test_file_rules(change, problem):
     with pytest.raises(FormatError, match=problem):
