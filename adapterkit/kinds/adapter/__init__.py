@@ -64,6 +64,10 @@ class BottleneckAdapter(Kind):
     default_lr = 1e-3  # the top of AdapterHub's usual 1e-4..1e-3; on the tiny example it beats LoRA's default run
     train_options = (REDUCTION_FACTOR,)
 
+    def unmergeable_reason(self, component) -> str:
+        return (f"component {component.name!r} is a bottleneck adapter: {self.unmergeable}; attach it "
+                "(adapterkit.attach) or export it unmerged (adapterkit export --onnx --unmerged) instead")
+
     def check(self, component, tensors) -> None:
         placement = component.params.get("placement")
         if placement is not None and not isinstance(placement, str):  # informative: any name a later writer uses
