@@ -36,6 +36,7 @@ REGISTERED = (
     "adapterkit.kinds.dora:DoRA",
     "adapterkit.kinds.bitfit:BitFit",
     "adapterkit.kinds.prefix:Prefix",
+    "adapterkit.kinds.adapter:BottleneckAdapter",
     "adapterkit.kinds.full:Full",
 )
 
