@@ -27,7 +27,6 @@ A prediction head saved beside the adapter (``head_config.json``) is not convert
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
