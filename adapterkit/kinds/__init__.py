@@ -36,6 +36,7 @@ REGISTERED = (
     "adapterkit.kinds.bitfit:BitFit",
     "adapterkit.kinds.prefix:Prefix",
     "adapterkit.kinds.full:Full",
+    "adapterkit.kinds.ia3:IA3",
 )
 
 
