@@ -74,7 +74,7 @@ class IA3(Kind):
             for target, (vector, target_flags, part) in effects.items():
                 if target not in owner:
                     owner[target], flags[target] = part, target_flags
-                    held[target] = {ROLE: np.zeros(vector.shape, np.float32)}
+                    held[target] = {ROLE: np.zeros(vector.shape)}  # summed in float64
                     continue
                 first = owner[target]
                 if target_flags[0] != flags[target][0]:
@@ -89,18 +89,25 @@ class IA3(Kind):
         for weight, effects in inputs:
             for target, roles in held.items():
                 if target in effects:  # (an input whose components all have weight 0 brings vectors of 0 here)
-                    roles[ROLE] += np.float32(weight or 0.0) * effects[target][0]
+                    roles[ROLE] += (weight or 0.0) * effects[target][0]
                 elif weight is None:
                     raise RequestError(f"{owner[target].where} targets {target!r} but an input whose (IA)³ components "
                                        "all have weight 0 does not: its own weight, which its vector of ones there "
                                        "enters the sum with, is unknown")
                 else:
-                    roles[ROLE] += np.float32(weight)  # that input leaves the module alone: its vector is 1
+                    roles[ROLE] += weight  # that input leaves the module alone: its vector is 1
         for target, roles in held.items():
+            roles[ROLE] = roles[ROLE].astype(np.float32)
             if not np.isfinite(roles[ROLE]).all():
                 raise RequestError(f"target {target!r}: the weighted sum of the vectors is not finite in float32")
         params, target_params = _composite_params(flags)
         return Composed(Component(name, self.name, list(held), params, target_params), held)
+
+
+def common(values) -> bool:
+    """The most common of some flags, false on a tie (the default)."""
+    counts = Counter(values)
+    return counts[True] > counts[False]
 
 
 def _side(is_feedforward: bool) -> str:
@@ -146,7 +153,7 @@ def _inputs(parts: Sequence[Part]) -> list[tuple[float | None, dict]]:
 
 def _composite_params(flags: dict[str, tuple[bool, bool]]) -> tuple[dict, dict]:
     """Component params from the most common flags; targets that differ get ``target_params``."""
-    params = {flag: Counter(f[i] for f in flags.values()).most_common(1)[0][0] for i, flag in enumerate(FLAGS)}
+    params = {flag: common(f[i] for f in flags.values()) for i, flag in enumerate(FLAGS)}
     target_params = {}
     for target, values in flags.items():
         override = {flag: value for flag, value in zip(FLAGS, values) if value != params[flag]}

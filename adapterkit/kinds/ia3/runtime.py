@@ -22,7 +22,6 @@ BERT's key, value, output.dense), the last of them feed-forward.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -31,7 +30,7 @@ from adapterkit import targets
 from adapterkit.adapter import split_tensor_name
 from adapterkit.arrays import to_torch
 from adapterkit.errors import RequestError
-from adapterkit.kinds.ia3 import ROLE, fan_in_fan_out, feedforward
+from adapterkit.kinds.ia3 import FLAGS, ROLE, common, fan_in_fan_out, feedforward
 from adapterkit.kinds.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -179,8 +178,7 @@ class IA3Runtime(Runtime):
             is_feedforward = name in feedforward_modules
             tensors[name] = {ROLE: torch.ones(in_features if is_feedforward else out_features)}
             flags[name] = {"feedforward": is_feedforward, "fan_in_fan_out": isinstance(module, Conv1D)}
-        params = {flag: Counter(f[flag] for f in flags.values()).most_common(1)[0][0]
-                  for flag in ("feedforward", "fan_in_fan_out")}
+        params = {flag: common(f[flag] for f in flags.values()) for flag in FLAGS}
         target_params = {name: override for name, values in flags.items()
                          if (override := {k: v for k, v in values.items() if v != params[k]})}
         return params, target_params, tensors
