@@ -95,6 +95,8 @@ class MergePlan:
             if module is None:
                 raise RequestError(f"component {component.name!r}: target {target!r} is not a module of the base")
             for parameter in runtime.merged_parameters:
+                if parameter in runtime.optional_parameters and f"{module}.{parameter}" not in self.names:
+                    continue
                 self._parts.setdefault(f"{module}.{parameter}", []).append(_Part(
                     runtime, component, target, tensors[target], weight,
                     f"{index}/{component.name}.{target}.{parameter}"))

@@ -38,6 +38,7 @@ REGISTERED = (
     "adapterkit.kinds.prefix:Prefix",
     "adapterkit.kinds.adapter:BottleneckAdapter",
     "adapterkit.kinds.full:Full",
+    "adapterkit.kinds.ia3:IA3",
 )
 
 

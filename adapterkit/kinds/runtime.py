@@ -87,6 +87,9 @@ class Runtime:
 
     #: the parameters of a target module that merging changes (``("weight",)``, ``("bias",)``)
     merged_parameters: tuple[str, ...] = ()
+    #: those of :attr:`merged_parameters` that merging changes only where the base has them (a bias that is scaled:
+    #: a module without one has nothing to scale); a missing one of the others is refused
+    optional_parameters: tuple[str, ...] = ()
 
     def merge(self, component: Component, target: str, roles: Mapping[str, np.ndarray], parameter: str,
               tensor: torch.Tensor, weight: float) -> dict[str, torch.Tensor] | None:
