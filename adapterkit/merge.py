@@ -27,7 +27,7 @@ from adapterkit.adapter import Adapter
 from adapterkit.arrays import to_torch
 from adapterkit.errors import RequestError
 from adapterkit.fingerprint import check_base
-from adapterkit.kinds import get_kind
+from adapterkit.kinds import get_kind, order
 from adapterkit.manifest import Component
 from adapterkit.targets import resolve_module
 from adapterkit.values import check_weights
@@ -118,7 +118,8 @@ class MergePlan:
                 raise RequestError(f"{name}: the adapter's tensor is {list(replacement.shape)}, "
                                    f"the base's is {list(tensor.shape)}")
             tensor = replacement
-        parts = self._parts.pop(name, ())
+        # kinds act in the registry's order, attach order within a kind (as attached entries run)
+        parts = sorted(self._parts.pop(name, ()), key=lambda part: order(part.runtime.kind))
         if not parts:
             return tensor if tensor.dtype == dtype or not tensor.is_floating_point() else tensor.to(dtype)
         compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32  # at least float32 (spec §6.1)

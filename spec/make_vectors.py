@@ -230,8 +230,8 @@ def vectors() -> dict[str, tuple[bytes, dict]]:
         bad("both replace 'score.weight'"))
     out["invalid_missing_role.safetensors"] = (adapter_file([component], {
         k: v for k, v in tensors.items() if not k.endswith(f"{V_PROJ}.lora_B")}), bad("missing lora_B"))
-    out["invalid_unknown_kind.safetensors"] = (adapter_file([dict(component, kind="ia3")], tensors),
-                                               bad("unknown adapter kind 'ia3'"))
+    out["invalid_unknown_kind.safetensors"] = (adapter_file([dict(component, kind="vera")], tensors),
+                                               bad("unknown adapter kind 'vera'"))
     return out
 
 

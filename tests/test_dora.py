@@ -299,15 +299,29 @@ def test_weight_compose_and_stacking_are_refused():
         compose([adapter])
     with pytest.raises(RequestError, match="already carries a DoRA component"):
         attach(model, [adapter, _dora(model, [query], seed=1)])
-    lora = tiny_models.random_lora(model, [query])
-    with pytest.raises(RequestError, match="attach the DoRA component before"):
-        attach(model, [lora, adapter])
     with pytest.raises(RequestError, match="magnitudes cannot be combined"):
         from adapterkit.kinds import get_kind
 
         feeds = [adapter_feeds(a, model=model) for a in (adapter, _dora(model, [query], seed=1))]
         get_kind("dora").runtime.combine("magnitude", [f[f"{query}.dora.magnitude"] for f in feeds])
     assert type(model.get_submodule(query)) is torch.nn.Linear  # every refusal left the model as it was
+
+
+def test_dora_acts_first_on_its_module_whatever_the_attach_order():
+    """Kinds act on a module in the registry's order (DoRA first: its norm is of the weight it finds), so a LoRA
+    attached before a DoRA on one module gives what merging them gives (DoRA, then LoRA)."""
+    model = tiny_models.bert().double()
+    query = "encoder.layer.0.attention.self.query"
+    adapter, lora = _dora(model, [query]), tiny_models.random_lora(model, [query])
+    ids = torch.tensor([[1, 5, 9, 33, 2, 77]])
+    with torch.no_grad():
+        with attach(model, [lora, adapter]):
+            lora_first = model(input_ids=ids).last_hidden_state
+        with attach(model, [adapter, lora]):
+            dora_first = model(input_ids=ids).last_hidden_state
+        merged = merge_into_model(model, [lora, adapter])(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(lora_first, dora_first, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lora_first, merged, atol=1e-10, rtol=0)
 
 
 def test_a_bias_update_before_the_dora_on_one_module_is_not_rescaled():

@@ -80,9 +80,9 @@ class AttachedAdapters:
         """Register a change's undo; detach runs them last first."""
         self._undo.append(undo)
 
-    def install(self, runtime, path: str, key: str, source, scale: float) -> None:
+    def install(self, runtime, path: str, key: str, source, scale: float, component=None, target=None) -> None:
         """Put one entry of a kind on module ``path``: its forward reads its tensors from ``source``."""
-        runtime.install(self, path, key, source, scale)
+        runtime.install(self, path, key, source, scale, component, target)
 
     # -- public --------------------------------------------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ def _attach_component(handle: AttachedAdapters, index: int, component: Component
         parameters = {role: _parameter(array, like, handle.trainable) for role, array in roles.items()}
         for role, parameter in parameters.items():
             handle.tensors[f"{index}/{component.name}.{target}.{role}"] = parameter
-        handle.install(runtime, path, f"{index}_{component.name}", AdapterTensors(parameters), scale)
+        handle.install(runtime, path, f"{index}_{component.name}", AdapterTensors(parameters), scale, component, target)
 
 
 def _like(module: torch.nn.Module) -> torch.Tensor | None:

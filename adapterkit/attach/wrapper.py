@@ -4,8 +4,10 @@ entries of every kind that acts on it, run in attach order.
     x → before₁ → before₂ → … → base → after₁ → after₂ → … → y
 
 Each entry is a kind's runtime (its forward function), where its tensors come from (trainable parameters for
-attach, graph inputs for the export) and the scale it applies. Detach puts ``base`` back where the wrapper stood, so
-the model gets its own objects back.
+attach, graph inputs for the export) and the scale it applies. Entries run in the registry's order of their kinds
+(:data:`adapterkit.kinds.REGISTERED`), and in attach order within a kind, so attach, merge and the ONNX graph agree
+whatever order adapters come in. Detach puts ``base`` back where the wrapper stood, so the model gets its own objects
+back.
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ class AdapterWrapper(torch.nn.Module):
         self.entries: list[Entry] = []
 
     def add(self, key: str, runtime, source, scale: float) -> None:
+        from adapterkit.kinds import order
+
         if isinstance(source, torch.nn.Module):
             self.adapters[key] = source
         self.entries.append(Entry(runtime, source, scale))
+        self.entries.sort(key=lambda entry: order(entry.runtime.kind))  # stable: attach order within a kind
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         tensors = [entry.source.tensors() for entry in self.entries]

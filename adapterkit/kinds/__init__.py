@@ -30,15 +30,18 @@ import importlib
 from adapterkit.errors import FormatError
 from adapterkit.kinds.base import Kind
 
-#: every kind, in the order composites and summaries list them ("module:class"), one line each
+#: every kind ("module:class"), one line each. The order is the one in which kinds act on one module, whatever order
+#: they were attached in (spec §6.8): DoRA (its norm is of the weight it finds: the base's), weight updates (LoRA),
+#: bias updates, rescaling ((IA)³), then what reads the module's output (bottleneck adapters); composites list their
+#: components in it too.
 REGISTERED = (
-    "adapterkit.kinds.lora:LoRA",
     "adapterkit.kinds.dora:DoRA",
+    "adapterkit.kinds.lora:LoRA",
     "adapterkit.kinds.bitfit:BitFit",
+    "adapterkit.kinds.ia3:IA3",
     "adapterkit.kinds.prefix:Prefix",
     "adapterkit.kinds.adapter:BottleneckAdapter",
     "adapterkit.kinds.full:Full",
-    "adapterkit.kinds.ia3:IA3",
 )
 
 
@@ -60,6 +63,11 @@ def get_kind(name: str) -> Kind:
     except KeyError:
         raise FormatError(f"unknown adapter kind {name!r} (this adapterkit knows: {', '.join(KINDS)}; "
                           "a newer adapterkit may know it)") from None
+
+
+def order(kind: str) -> int:
+    """Where ``kind`` acts on a module among the kinds acting on it (its place in :data:`REGISTERED`)."""
+    return list(KINDS).index(kind)
 
 
 def trainable_kinds() -> list[str]:

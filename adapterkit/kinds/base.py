@@ -137,7 +137,9 @@ class Kind(abc.ABC):
     @property
     def runtime(self):
         """The kind's torch half (:class:`adapterkit.kinds.runtime.Runtime`)."""
-        return _load(f"{type(self).__module__}.runtime").RUNTIME
+        runtime = _load(f"{type(self).__module__}.runtime").RUNTIME
+        runtime.kind = self.name
+        return runtime
 
     @property
     def peft(self):

@@ -29,6 +29,9 @@ Roles = Mapping[str, torch.Tensor]
 class Runtime:
     """The torch side of a kind. Subclasses override what their kind does."""
 
+    #: the kind's name (set by the registry when it loads the runtime)
+    kind: str = ""
+
     #: ONNX: role -> the axis whose length differs between adapters (a rank, a prefix length); other roles have a
     #: fixed shape. An absent adapter is the slot at length 0 there, or :meth:`empty` for fixed shapes.
     dynamic_axes: Mapping[str, int] = {}
@@ -79,8 +82,10 @@ class Runtime:
                    roles: Mapping[str, np.ndarray]) -> None:
         """Raise an AdapterError if a target's tensors do not fit the base module they act on."""
 
-    def install(self, handle, path: str, key: str, source, scale: float) -> None:
-        """Put one entry (its tensors from ``source``) on the module at ``path`` of ``handle.model``."""
+    def install(self, handle, path: str, key: str, source, scale: float, component: Component | None = None,
+                target: str | None = None) -> None:
+        """Put one entry (its tensors from ``source``) on the module at ``path`` of ``handle.model``. ``component``
+        and ``target`` are the attached adapter's (None for the ONNX export's slots, whose inputs say all)."""
         handle.wrapper(path).add(key, self, source, scale)
 
     # -- merge --------------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from adapterkit import targets
-from adapterkit.adapter import split_tensor_name
 from adapterkit.arrays import to_torch
 from adapterkit.attach.wrapper import AdapterWrapper, Entry, innermost
 from adapterkit.errors import RequestError
@@ -138,7 +137,7 @@ class BottleneckRuntime(Runtime):
             raise RequestError(f"component {component.name!r}, target {target!r}: down {list(down.shape)} and up "
                                f"{list(up.shape)} do not fit {path} (outputs of size {size})")
 
-    def install(self, handle, path, key, source, scale) -> None:
+    def install(self, handle, path, key, source, scale, component=None, target=None) -> None:
         """Into this attach's :class:`BottleneckWrapper` at ``path``, around the module's AdapterWrapper (see the
         module docstring)."""
         wrappers = handle.shared.setdefault(SHARED, {})
@@ -149,7 +148,7 @@ class BottleneckRuntime(Runtime):
             handle.model.set_submodule(path, outer)
             handle.on_detach(lambda: handle.model.set_submodule(path, inner))
             wrappers[path] = outer
-        function = _attached_non_linearity(handle, source)
+        function = None if component is None else component.param(target, "non_linearity")
         if function is None and SELECTOR not in source.tensors():
             raise RequestError(f"{path}: a bottleneck adapter entry needs its non-linearity")
         outer = wrappers[path]
@@ -195,20 +194,6 @@ def placement(model: torch.nn.Module, names) -> str:
     if feedforward and chosen == feedforward | set(targets.attention_outputs(model)):
         return "houlsby"
     return "custom"
-
-
-def _attached_non_linearity(handle, source) -> str | None:
-    """The non-linearity of the component an attached source belongs to: its parameters are in ``handle.tensors``
-    under ``<adapter index>/<component>.<target>.<role>``. None for a source that is no attached adapter's (the ONNX
-    graph's inputs, which carry their own codes)."""
-    down = source.tensors().get("down")
-    for key, parameter in handle.tensors.items():
-        if parameter is down:
-            index, _, name = key.partition("/")
-            component_name, target, _ = split_tensor_name(name)
-            component = handle.adapters[int(index)].manifest.component(component_name)
-            return component.param(target, "non_linearity")
-    return None
 
 
 def _codes(selector, down: torch.Tensor) -> torch.Tensor:

@@ -106,9 +106,12 @@ class DoRARuntime(Runtime):
                                f"{list(b.shape)} and magnitude {list(magnitude.shape)} do not fit {path} "
                                f"({in_features} in, {out_features} out)")
 
-    def install(self, handle, path, key, source, scale) -> None:
+    def install(self, handle, path, key, source, scale, component=None, target=None) -> None:
+        """DoRA acts first on its module (the registry's order), so only another DoRA of this attach, or an entry
+        of an earlier attach (a wrapper inside this one), can act before it."""
         wrapper = handle.wrapper(path)
-        earlier, module = list(wrapper.entries), wrapper.base
+        earlier = [entry for entry in wrapper.entries if entry.runtime.kind == self.kind]
+        module = wrapper.base
         while isinstance(module, AdapterWrapper):  # attached before, by another handle
             earlier, module = module.entries + earlier, module.base
         for entry in earlier:

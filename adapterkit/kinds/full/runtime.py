@@ -71,7 +71,7 @@ class FullRuntime(Runtime):
             elif hasattr(module, name):
                 raise RequestError(f"{where} exists and is not a parameter: it cannot be replaced")
 
-    def install(self, handle, path, key, source, scale) -> None:
+    def install(self, handle, path, key, source, scale, component=None, target=None) -> None:
         module = innermost(handle.model.get_submodule(path))
         for name in source.tensors():
             original = module._parameters.get(name)

@@ -27,7 +27,6 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from adapterkit import targets
-from adapterkit.adapter import split_tensor_name
 from adapterkit.arrays import to_torch
 from adapterkit.errors import RequestError
 from adapterkit.kinds.ia3 import FLAGS, ROLE, common, fan_in_fan_out, feedforward
@@ -103,16 +102,10 @@ class IA3Runtime(Runtime):
                         "would scale the wrong axis", component.name, target, fan_in_fan_out(component, target),
                         path, "[in, out]" if isinstance(inner, Conv1D) else "[out, in]")
 
-    def install(self, handle, path, key, source, scale) -> None:
+    def install(self, handle, path, key, source, scale, component=None, target=None) -> None:
         """An attached target's entry: :data:`FEEDFORWARD_ENTRY` where the manifest says ``feedforward``. (The slots
         of the ONNX export name their side in their role: ``ia3_l`` or ``ia3_l_ff``.)"""
-        from adapterkit.attach.wrapper import AdapterTensors
-
-        runtime = self
-        if isinstance(source, AdapterTensors):
-            component, target = _attached(handle, source)
-            if feedforward(component, target):
-                runtime = FEEDFORWARD_ENTRY
+        runtime = FEEDFORWARD_ENTRY if component is not None and feedforward(component, target) else self
         handle.wrapper(path).add(key, runtime, source, scale)
 
     # -- merge --------------------------------------------------------------------------------------------------------
@@ -184,18 +177,7 @@ class IA3Runtime(Runtime):
         return params, target_params, tensors
 
 
-def _attached(handle, source):
-    """The component and target whose tensors an attached entry reads: attach registers each parameter in
-    ``handle.tensors`` as ``<adapter index>/<component>.<target>.<role>`` before it installs the entry."""
-    parameter = source.tensors()[ROLE]
-    key = next((key for key, held in handle.tensors.items() if held is parameter), None)
-    if key is None:
-        raise RequestError("an (IA)³ entry whose parameters attach did not register: cannot tell its side")
-    index, _, name = key.partition("/")
-    component_name, target, _ = split_tensor_name(name)
-    return handle.adapters[int(index)].manifest.component(component_name), target
-
-
 RUNTIME = IA3Runtime()
 #: the entry of an attached feed-forward target: its stored vector scales the module's input
 FEEDFORWARD_ENTRY = IA3Runtime(input_role=ROLE, output_role=None)
+FEEDFORWARD_ENTRY.kind = "ia3"

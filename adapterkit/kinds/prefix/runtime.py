@@ -201,7 +201,7 @@ class PrefixRuntime(Runtime):
             raise RequestError(f"component {component.name!r}, target {target!r}: prefix_key is "
                                f"{list(roles['prefix_key'].shape)}, but {path} has heads of size {head_dim}")
 
-    def install(self, handle, path, key, source, scale) -> None:
+    def install(self, handle, path, key, source, scale, component=None, target=None) -> None:
         stores = _stores(handle)
         module = handle.model.get_submodule(path)
         store = getattr(module, "prefix", None)
