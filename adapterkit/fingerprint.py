@@ -47,38 +47,54 @@ def fingerprint(base, exclude: Iterable[str] = (), algorithm: str = CURRENT) -> 
     """Fingerprint of ``base``: a model folder or safetensors file path, or a ``torch.nn.Module``.
 
     ``exclude`` names modules or tensors to leave out (a tensor is out when its name equals an entry or starts with
-    an entry followed by a dot), for example the task head an adapter brings with it. ``algorithm`` is ``fp2`` (the
-    one written) or ``fp1`` (to check files that record one).
+    an entry followed by a dot), for example the task head an adapter brings with it. ``algorithm`` is ``fp2`` or
+    ``fp1``.
     """
+    return fingerprints(base, exclude)[algorithm]
+
+
+def fingerprints(base, exclude: Iterable[str] = ()) -> dict[str, str]:
+    """Every algorithm's fingerprint of ``base``, from one pass over its tensors."""
     excluded = tuple(exclude)
-    heads = algorithm == "fp2"
-    records = sorted(_record(shape, first, last) for shape, first, last in _samples(base, excluded, heads))
-    return f"{algorithm}:" + hashlib.sha256("\n".join(records).encode()).hexdigest()
+    records = [(_is_head(name), _record(shape, first, last)) for name, shape, first, last in _samples(base, excluded)]
+    chosen = {"fp1": [r for _, r in records], "fp2": [r for head, r in records if not head]}
+    return {name: f"{name}:" + hashlib.sha256("\n".join(sorted(values)).encode()).hexdigest()
+            for name, values in chosen.items()}
 
 
-def _is_excluded(name: str, excluded: tuple[str, ...], heads: bool) -> bool:
-    if heads and not HEAD_SEGMENTS.isdisjoint(name.split(".")[:-1]):
-        return True
+def record_base(base_model, base, exclude: Iterable[str] = ()) -> None:
+    """Fill ``base_model`` (a manifest's BaseModel) with the fingerprints of ``base``: ``fp1`` in ``fingerprint``,
+    which 1.0 readers check, and ``fp2`` in ``fingerprints``."""
+    values = fingerprints(base, exclude)
+    base_model.fingerprint = values["fp1"]
+    base_model.fingerprints = {"fp2": values["fp2"]}
+
+
+def _is_head(name: str) -> bool:
+    return not HEAD_SEGMENTS.isdisjoint(name.split(".")[:-1])
+
+
+def _is_excluded(name: str, excluded: tuple[str, ...]) -> bool:
     return any(name == e or name.startswith(e + ".") for e in excluded)
 
 
-def _samples(base, excluded, heads) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+def _samples(base, excluded) -> Iterator[tuple[str, list[int], np.ndarray, np.ndarray]]:
     if not isinstance(base, (str, os.PathLike)):  # a torch module
         from adapterkit.attach import is_adapter_parameter
 
         for name, parameter in base.named_parameters():
-            if (parameter.is_floating_point() and parameter.ndim >= 2 and not _is_excluded(name, excluded, heads)
+            if (parameter.is_floating_point() and parameter.ndim >= 2 and not _is_excluded(name, excluded)
                     and not is_adapter_parameter(parameter)):
-                yield list(parameter.shape), as_array(parameter[0]), as_array(parameter[-1])
+                yield name, list(parameter.shape), as_array(parameter[0]), as_array(parameter[-1])
         return
     with Checkpoint(os.fspath(base)) as checkpoint:
         for name in checkpoint.names():
-            if _is_excluded(name, excluded, heads):
+            if _is_excluded(name, excluded):
                 continue
             entry = checkpoint.entry(name)
             if entry.dtype in FLOAT_NAMES and len(entry.shape) >= 2 and entry.shape[0] > 0:
                 tensor = checkpoint.get(name)
-                yield list(entry.shape), tensor[0], tensor[-1]
+                yield name, list(entry.shape), tensor[0], tensor[-1]
 
 
 def _record(shape: list[int], first: np.ndarray, last: np.ndarray) -> str:
@@ -98,19 +114,19 @@ def check_base(adapter, base, where: str, force: bool = False, replaced: Iterabl
     """Refuse ``adapter`` on ``base`` (a module or checkpoint path) when its recorded base fingerprint differs, unless
     ``force``. ``replaced`` names the base tensors its components replace whole (default: their targets as
     written); they are left out, and a fingerprint that includes them is accepted too."""
-    expected = adapter.manifest.base_model.fingerprint
-    if expected is None:
+    recorded = adapter.manifest.base_model.recorded()
+    if not recorded:
         log.warning("%s records no base fingerprint: cannot check that it belongs to this base", where)
         return
-    replaced = list(replaced_targets(adapter) if replaced is None else replaced)
-    algorithm = expected.partition(":")[0]
-    if algorithm not in ALGORITHMS:  # from a newer adapterkit: this one cannot check it
+    algorithm = CURRENT if CURRENT in recorded else next((a for a in ALGORITHMS if a in recorded), None)
+    if algorithm is None:  # only algorithms from a newer adapterkit: this one cannot check them
         if force:
-            log.warning("%s records a fingerprint of an unknown algorithm (%s); going on anyway (force)", where,
-                        algorithm)
+            log.warning("%s records only fingerprints this adapterkit does not know; going on anyway (force)", where)
             return
-        raise BaseMismatchError(f"{where} records a fingerprint of an algorithm this adapterkit does not know "
-                                f"({algorithm}): it cannot check the base; pass --force (force=True) to go on")
+        raise BaseMismatchError(f"{where} records only fingerprints of algorithms this adapterkit does not know "
+                                f"({', '.join(recorded)}): it cannot check the base; pass --force (force=True) to go on")
+    expected = recorded[algorithm]
+    replaced = list(replaced_targets(adapter) if replaced is None else replaced)
     actual = fingerprint(base, exclude=replaced, algorithm=algorithm)
     if actual == expected or (replaced and expected == fingerprint(base, algorithm=algorithm)):
         return

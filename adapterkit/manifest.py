@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 COMPONENT_NAME = re.compile(r"[a-z0-9_]{1,64}\Z")
 
@@ -38,20 +38,33 @@ class BaseModel:
 
     id: str | None = None
     revision: str | None = None
+    #: ``fp1`` (what 1.0 readers check), spec §7
     fingerprint: str | None = None
+    #: more fingerprints by algorithm (1.1: ``{"fp2": ...}``, head-free); readers use the best one they know
+    fingerprints: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    FIELDS = ("id", "revision", "fingerprint")
+    FIELDS = ("id", "revision", "fingerprint", "fingerprints")
 
     def to_json(self) -> dict:
-        out = {k: getattr(self, k) for k in self.FIELDS}
+        out = {k: getattr(self, k) for k in ("id", "revision", "fingerprint")}
+        if self.fingerprints:
+            out["fingerprints"] = dict(self.fingerprints)
         out.update(self.extra)
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> "BaseModel":
         known, extra = _split_known(data, cls.FIELDS)
+        known["fingerprints"] = dict(known.get("fingerprints") or {})
         return cls(**known, extra=extra)
+
+    def recorded(self) -> dict[str, str]:
+        """Every fingerprint recorded, by algorithm."""
+        out = {value.partition(":")[0]: value for value in self.fingerprints.values()}
+        if self.fingerprint:
+            out.setdefault(self.fingerprint.partition(":")[0], self.fingerprint)
+        return out
 
 
 @dataclass

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from adapterkit.adapter import Adapter
 from adapterkit.arrays import DTYPES, FLOAT_NAMES, dtype_name, to_torch
 from adapterkit.errors import FileSystemError, FormatError, RequestError
-from adapterkit.fingerprint import check_base, fingerprint
+from adapterkit.fingerprint import check_base, fingerprints
 from adapterkit.io.checkpoint import INDEX_FILE, Checkpoint
 from adapterkit.io.outputs import output
 from adapterkit.io.paths import open_regular
@@ -59,12 +59,14 @@ def merge_checkpoint(base_dir, adapters: Sequence, out_dir, weights: Sequence[fl
     loaded = _load(adapters)
     weights = check_weights(weights, len(loaded))
     record = _read_record(base_dir)
+    known = _recorded_base(record)
     for source, _, adapter in loaded:
         # A folder that already holds merged adapters is checked against the base they were merged into.
-        recorded = record.get("base_fingerprint")
-        if recorded is None or recorded != adapter.manifest.base_model.fingerprint:
+        if not known & set(adapter.manifest.base_model.recorded().values()):
             check_base(adapter, base_dir, source, force)
-    record.setdefault("base_fingerprint", fingerprint(base_dir))
+    if not known:
+        values = fingerprints(base_dir)
+        record["base_fingerprint"], record["base_fingerprints"] = values["fp2"], values
     record["merged"] += [
         {"source": source, "sha256": adapter.content_sha256(), "weight": weight,
          "base_fingerprint": adapter.manifest.base_model.fingerprint}
@@ -101,6 +103,14 @@ def _load(adapters: Sequence) -> list[tuple[str, str | None, Adapter]]:
             path = local_path(given)
             loaded.append((os.fspath(given), path, load_adapter(path)))
     return loaded
+
+
+def _recorded_base(record: dict) -> set[str]:
+    """The fingerprints of the base a merged folder's adapters were merged into (none for a plain base)."""
+    values = dict(record.get("base_fingerprints") or {})
+    if record.get("base_fingerprint"):
+        values["recorded"] = record["base_fingerprint"]
+    return {v for v in values.values() if isinstance(v, str)}
 
 
 def _read_record(folder) -> dict:

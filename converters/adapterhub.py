@@ -34,7 +34,7 @@ import numpy as np
 
 from adapterkit.adapter import Adapter, tensor_name
 from adapterkit.errors import AdapterError, FormatError, RequestError
-from adapterkit.fingerprint import fingerprint
+from adapterkit.fingerprint import record_base
 from adapterkit.io import safetensors
 from adapterkit.io.paths import open_regular
 from adapterkit.kinds.adapter import non_linearity_name
@@ -97,7 +97,7 @@ def read(path, base=None) -> Adapter:
         tensors = _read_weights(folder)
         adapter = _convert(config, options, tensors, base)
         if base is not None:
-            adapter.manifest.base_model.fingerprint = fingerprint(base)
+            record_base(adapter.manifest.base_model, base)
         adapter.validate()
     except AdapterError as exc:
         raise exc.at(folder) from None

@@ -20,7 +20,7 @@ import numpy as np
 
 from adapterkit.adapter import Adapter, tensor_name
 from adapterkit.errors import AdapterError, FormatError, RequestError
-from adapterkit.fingerprint import fingerprint, replaced_targets
+from adapterkit.fingerprint import record_base, replaced_targets
 from adapterkit.io import safetensors
 from adapterkit.io.outputs import output
 from adapterkit.io.paths import open_regular
@@ -89,7 +89,7 @@ def read(path, base=None) -> Adapter:
                       {tensor_name(c.name, t, role): x for c, held in found for t, roles in held.items()
                        for role, x in roles.items()})
     if base is not None:
-        adapter.manifest.base_model.fingerprint = fingerprint(base, exclude=replaced_targets(adapter))
+        record_base(adapter.manifest.base_model, base, exclude=replaced_targets(adapter))
     try:
         adapter.validate()
     except AdapterError as exc:

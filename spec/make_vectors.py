@@ -143,6 +143,39 @@ def prefix(name="prompt", weight=1.0):
                        f"{name}.{ATTENTION}.prefix_value": values((2, 3, 2), 31, np.float16)}
 
 
+def dora(name="dora"):
+    component = {"name": name, "kind": "dora", "targets": [Q_PROJ, V_PROJ],
+                 "params": {"rank": 2, "alpha": 4.0, "scaling": "standard", "fan_in_fan_out": False}, "weight": 1.0}
+    return component, {
+        f"{name}.{Q_PROJ}.lora_A": values((2, 8), 60), f"{name}.{Q_PROJ}.lora_B": values((8, 2), 61),
+        f"{name}.{Q_PROJ}.magnitude": values((8,), 62) + np.float32(1),
+        f"{name}.{V_PROJ}.lora_A": values((2, 8), 63), f"{name}.{V_PROJ}.lora_B": values((4, 2), 64),
+        f"{name}.{V_PROJ}.magnitude": values((4,), 65) + np.float32(1),
+    }
+
+
+def ia3(name="scales"):
+    """q_proj's vector scales its input (a feed-forward target, [in] = 8), v_proj's its output ([out] = 4)."""
+    component = {"name": name, "kind": "ia3", "targets": [Q_PROJ, V_PROJ],
+                 "params": {"feedforward": False, "fan_in_fan_out": False},
+                 "target_params": {Q_PROJ: {"feedforward": True}}, "weight": 1.0}
+    return component, {f"{name}.{Q_PROJ}.ia3_l": values((8,), 66) + np.float32(1),
+                       f"{name}.{V_PROJ}.ia3_l": values((4,), 67) + np.float32(1)}
+
+
+def bottleneck(name="bottleneck"):
+    """A bottleneck of 2 (ReLU) after q_proj and of 1 (GELU) after v_proj."""
+    component = {"name": name, "kind": "adapter", "targets": [Q_PROJ, V_PROJ],
+                 "params": {"bottleneck": 2, "non_linearity": "relu", "placement": "custom"},
+                 "target_params": {V_PROJ: {"bottleneck": 1, "non_linearity": "gelu"}}, "weight": 0.5}
+    return component, {
+        f"{name}.{Q_PROJ}.down": values((2, 8), 70), f"{name}.{Q_PROJ}.down_bias": values((2,), 71),
+        f"{name}.{Q_PROJ}.up": values((8, 2), 72), f"{name}.{Q_PROJ}.up_bias": values((8,), 73),
+        f"{name}.{V_PROJ}.down": values((1, 4), 74), f"{name}.{V_PROJ}.down_bias": values((1,), 75),
+        f"{name}.{V_PROJ}.up": values((4, 1), 76), f"{name}.{V_PROJ}.up_bias": values((4,), 77),
+    }
+
+
 def vectors() -> dict[str, tuple[bytes, dict]]:
     """file name -> (bytes, verdict)."""
     ok = {"valid": True}
@@ -183,6 +216,37 @@ def vectors() -> dict[str, tuple[bytes, dict]]:
     future = dict(component, future_component_field={"added_in": "1.1"})
     out["valid_v1_1_unknown_fields.safetensors"] = (adapter_file(
         [future], tensors, version="1.1", extra={"future_field": [1, 2, 3]}), ok)
+    newer = dict(component, future_component_field={"added_in": "1.2"})
+    out["valid_v1_2_unknown_fields.safetensors"] = (adapter_file(
+        [newer], tensors, version="1.2", extra={"future_field": [1, 2, 3]}), ok)
+
+    # --- the kinds of 1.1 ---
+    (dc, dt), (ic, it), (ac, at) = dora(), ia3(), bottleneck()
+    out["valid_dora.safetensors"] = (adapter_file([dc], dt, version="1.1"), ok)
+    out["valid_ia3.safetensors"] = (adapter_file([ic], it, version="1.1"), ok)
+    out["valid_adapter.safetensors"] = (adapter_file([ac], at, version="1.1"), ok)
+    out["invalid_dora_magnitude_shape.safetensors"] = (adapter_file(
+        [dc], {**dt, f"dora.{Q_PROJ}.magnitude": values((4,), 62) + np.float32(1)}, version="1.1"),
+        bad("magnitude must be 1-D with one entry per output row"))
+    out["invalid_dora_missing_magnitude.safetensors"] = (adapter_file(
+        [dc], {k: v for k, v in dt.items() if k != f"dora.{V_PROJ}.magnitude"}, version="1.1"),
+        bad("missing magnitude"))
+    out["invalid_dora_weighted.safetensors"] = (adapter_file([dict(dc, weight=0.5)], dt, version="1.1"),
+                                                bad("1 was expected"))
+    out["invalid_ia3_not_1d.safetensors"] = (adapter_file(
+        [ic], {**it, f"scales.{V_PROJ}.ia3_l": (values((4,), 67) + np.float32(1)).reshape(4, 1)}, version="1.1"),
+        bad("ia3_l must be 1-D"))
+    out["invalid_ia3_feedforward_not_boolean.safetensors"] = (adapter_file(
+        [dict(ic, target_params={Q_PROJ: {"feedforward": "true"}})], it, version="1.1"),
+        bad("is not of type 'boolean'"))
+    single = dict(ac, targets=[Q_PROJ], target_params={})
+    q_only = {k: v for k, v in at.items() if Q_PROJ in k}
+    out["invalid_adapter_bottleneck_mismatch.safetensors"] = (adapter_file(
+        [single], {**q_only, f"bottleneck.{Q_PROJ}.up": values((8, 3), 72)}, version="1.1"),
+        bad("bottleneck mismatch"))
+    out["invalid_adapter_bottleneck_disagrees.safetensors"] = (adapter_file(
+        [dict(single, params=dict(single["params"], bottleneck=3))], q_only, version="1.1"),
+        bad("manifest says bottleneck 3"))
 
     # --- invalid: the container ---
     good = out["valid_lora.safetensors"][0]

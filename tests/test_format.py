@@ -55,21 +55,21 @@ def _rewrite_metadata(src, dst, change):
 def test_newer_minor_fields_are_kept_and_written_back(tmp_path, adapter):
     save(adapter, tmp_path / "a.safetensors")
 
-    def to_1_1(metadata):
+    def to_1_2(metadata):  # a newer minor than ours (1.1)
         manifest = json.loads(metadata[MANIFEST_KEY])
-        manifest["future_field"] = {"from": "1.1"}
+        manifest["future_field"] = {"from": "1.2"}
         manifest["components"][0]["future_component_field"] = 7
-        metadata[VERSION_KEY] = "1.1"
+        metadata[VERSION_KEY] = "1.2"
         metadata[MANIFEST_KEY] = json.dumps(manifest)
 
-    _rewrite_metadata(tmp_path / "a.safetensors", tmp_path / "v11.safetensors", to_1_1)
-    loaded = load(tmp_path / "v11.safetensors")
+    _rewrite_metadata(tmp_path / "a.safetensors", tmp_path / "v12.safetensors", to_1_2)
+    loaded = load(tmp_path / "v12.safetensors")
     save(loaded, tmp_path / "again.safetensors")
     raw = open(tmp_path / "again.safetensors", "rb").read()
     metadata = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])["__metadata__"]
     manifest = json.loads(metadata[MANIFEST_KEY])
-    assert metadata[VERSION_KEY] == "1.1"
-    assert manifest["future_field"] == {"from": "1.1"}
+    assert metadata[VERSION_KEY] == "1.2"
+    assert manifest["future_field"] == {"from": "1.2"}
     assert manifest["components"][0]["future_component_field"] == 7
 
 

@@ -81,7 +81,9 @@ def test_loss_falls_and_output_validates(example, lm_runs, method):
         assert evaluate(base.model, base.tokenizer, examples, "causal-lm")["loss"] == pytest.approx(after, rel=1e-5)
     assert [c.kind for c in loaded.components] == [method]
     assert loaded.manifest.training["steps"] == 12 and loaded.manifest.training["method"] == method
-    assert loaded.manifest.base_model.fingerprint == adapterkit.fingerprint(example["llama"])
+    base = loaded.manifest.base_model
+    assert base.fingerprint == adapterkit.fingerprint(example["llama"], algorithm="fp1")  # what 1.0 readers check
+    assert base.fingerprints == {"fp2": adapterkit.fingerprint(example["llama"])}
 
 
 def test_bitfit_changes_only_biases_and_detach_restores_the_base(example, lm_runs):
@@ -132,7 +134,9 @@ def test_classification_head_is_saved_and_evaluate_gives_the_reported_accuracy(e
     assert set(adapter.component_tensors("head")["classifier"]) == {"weight", "bias"}
     # the fingerprint of the folder is what attach computes on the loaded classifier without its head
     model = AutoModelForSequenceClassification.from_pretrained(example["bert"], num_labels=2)
-    assert adapter.manifest.base_model.fingerprint == adapterkit.fingerprint(model, exclude=["classifier"])
+    assert adapter.manifest.base_model.fingerprints["fp2"] == adapterkit.fingerprint(model, exclude=["classifier"])
+    assert adapter.manifest.base_model.fingerprint == adapterkit.fingerprint(model, exclude=["classifier"],
+                                                                             algorithm="fp1")
     evaluated = CliRunner().invoke(cli, ["evaluate", str(example["bert"]), str(out), "--task", "classify",
                                          "--data", str(example["sentiment_eval"]), "--json"])
     assert evaluated.exit_code == 0, evaluated.output

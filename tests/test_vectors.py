@@ -160,11 +160,13 @@ def test_bfloat16_rounding_is_to_nearest_even():
     assert halfway.astype(ml_dtypes.bfloat16).view("<u2").tobytes() == expected  # the fingerprint's own rounding
 
 
-def test_a_1_1_file_keeps_its_unknown_fields_and_version_when_written_back(tmp_path):
-    """SPEC §9.2: a 1.0 reader keeps a newer minor's fields and writes the highest version it preserves."""
-    save(load(VECTORS / "valid_v1_1_unknown_fields.safetensors"), tmp_path / "again.safetensors")
+@pytest.mark.parametrize("version", ["1.1", "1.2"])
+def test_a_newer_minor_file_keeps_its_unknown_fields_and_version_when_written_back(tmp_path, version):
+    """SPEC §9.2: a reader keeps a newer minor's fields and writes the highest version it preserves (this one is
+    1.1: a 1.2 file is written back as 1.2)."""
+    name = f"valid_v{version.replace('.', '_')}_unknown_fields.safetensors"
+    save(load(VECTORS / name), tmp_path / "again.safetensors")
     raw = (tmp_path / "again.safetensors").read_bytes()
     metadata = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
-    assert metadata["adapterkit.format_version"] == "1.1"
-    original = _manifest_of("valid_v1_1_unknown_fields.safetensors")
-    assert json.loads(metadata["adapterkit.manifest"]) == original
+    assert metadata["adapterkit.format_version"] == version
+    assert json.loads(metadata["adapterkit.manifest"]) == _manifest_of(name)

@@ -126,18 +126,23 @@ def _request(method, rank, tol, density, seed) -> CompositionRequest:
 
 
 def _shared_base(adapters: Sequence[Adapter], names: Sequence[str]) -> BaseModel:
-    """The base model of the inputs that name one; refuses inputs made for different bases."""
+    """The base model of the inputs that name one; refuses inputs made for different bases (compared by every
+    fingerprint algorithm both record)."""
     first = None
     for adapter, name in zip(adapters, names):
-        base = adapter.manifest.base_model
-        if not base.fingerprint:
+        recorded = adapter.manifest.base_model.recorded()
+        if not recorded:
             continue
         if first is None:
-            first = (base, name)
-        elif base.fingerprint != first[0].fingerprint:
+            first = (adapter.manifest.base_model, name, recorded)
+            continue
+        common = sorted(set(recorded) & set(first[2]))
+        differing = [a for a in common if recorded[a] != first[2][a]]
+        if differing:
+            a = differing[0]
             raise BaseMismatchError(
                 f"{name} was made for another base model than {first[1]} "
-                f"(fingerprint {base.fingerprint[:16]}… vs {first[0].fingerprint[:16]}…): refusing to compose them"
+                f"(fingerprint {recorded[a][:16]}… vs {first[2][a][:16]}…): refusing to compose them"
             )
     chosen = first[0] if first else adapters[0].manifest.base_model
     return copy.deepcopy(chosen)

@@ -6,6 +6,10 @@ One slot is one graph input, named after the base module it acts on, the kind an
     <module>.lora.lora_B        [out, r]           the scale s·w already folded in
     <module>.bitfit.bias        [out]              zeros when unused
     <module>.prefix.prefix_key  [kv_heads, p, d]   p is a dynamic dim: p = 0 means "no prefix"
+    <module>.dora.magnitude     [out]              with DoRA's lora_A/lora_B; ‖W‖ when unused (the base)
+    <module>.ia3.ia3_l          [out]              (IA)³ output scaling (ia3_l_ff [in]: input scaling); ones when unused
+    <module>.adapter.down       [b, d]             a bottleneck adapter (with down_bias, up, up_bias, non_linearity);
+                                                   b is a dynamic dim: b = 0 means "no adapter here"
     <module>.full.<parameter>   base shape         a ``full`` component's tensor (e.g. a classification head)
 
 Each kind says what it feeds (:meth:`~adapterkit.kinds.runtime.Runtime.fold`: its tensors with its scale and the

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from adapterkit.errors import FileSystemError, FormatError, RequestError
-from adapterkit.fingerprint import fingerprint
+from adapterkit.fingerprint import record_base
 from adapterkit.manifest import BaseModel
 
 log = logging.getLogger(__name__)
@@ -74,4 +74,6 @@ def base_record(path: str | os.PathLike, head: list[str]) -> BaseModel:
             name = json.load(f).get("_name_or_path") or None
     except (OSError, ValueError):
         pass
-    return BaseModel(name or os.path.basename(os.path.normpath(path)), None, fingerprint(path, exclude=head))
+    base_model = BaseModel(name or os.path.basename(os.path.normpath(path)))
+    record_base(base_model, path, exclude=head)
+    return base_model

@@ -143,7 +143,7 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
             generator=torch.Generator().manual_seed(config.seed))
         base_model = base_record(base, loaded.head)
         if get_kind(config.method).replaces:  # every base tensor is replaced: there is no base left to check
-            base_model.fingerprint = None
+            base_model.fingerprint, base_model.fingerprints = None, {}
         adapter = Adapter(Manifest(components=components, base_model=base_model), tensors)
         handle = attach(model, adapter, trainable=True)  # also checks the model against the folder's fingerprint
         parameters = list(handle.parameters())
