@@ -38,6 +38,31 @@ def target_scale(component: Component, target: str, rank: int) -> float:
     return scale(rank, component.param(target, "alpha"), component.param(target, "scaling", "standard"))
 
 
+def coefficient(component: Component, target: str, rank: int, weight: float = 1.0) -> float:
+    """w·s·r: the alpha that gives one target its whole scale under ``scaling: standard`` (s' = α/r), computed without
+    dividing by the rank (exact for standard scaling: w·α)."""
+    alpha = component.param(target, "alpha")
+    if component.param(target, "scaling", "standard") == "rslora":
+        return weight * alpha * math.sqrt(rank)
+    return weight * alpha
+
+
+def uniform_alpha(component: Component, ranks: dict[str, int], weight: float = 1.0,
+                  round_alpha=float) -> tuple[float, dict[str, float]]:
+    """One alpha α for all targets and, per target, the factor f to multiply B by so that a reader that knows one
+    alpha and standard scaling (llama.cpp's GGUF LoRA; PEFT configs read without ``alpha_pattern`` and
+    ``use_rslora``) gets the exact ΔW: α/rₜ · fₜBₜ·Aₜ = w·sₜ·Bₜ·Aₜ, with rₜ the rank of each target's tensors.
+
+    α is the most common per-target coefficient w·sₜ·rₜ (those targets keep B as it is), never 0 (llama.cpp reads
+    alpha 0 as "no scale"); ``round_alpha`` rounds it to what the file stores (float32 for GGUF)."""
+    coefficients = {target: coefficient(component, target, rank, weight) for target, rank in ranks.items()}
+    nonzero = [c for c in coefficients.values() if c != 0]
+    alpha = round_alpha(Counter(nonzero).most_common(1)[0][0] if nonzero else component.params.get("rank", 1))
+    if not math.isfinite(alpha) or alpha == 0:
+        raise RequestError(f"component {component.name!r}: its scale {alpha} cannot be stored as one alpha")
+    return alpha, {target: c / alpha for target, c in coefficients.items()}
+
+
 class LoRA(Kind):
     name = "lora"
     summary = "low-rank weight updates ΔW = s·B·A"
