@@ -33,6 +33,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            description="PEFT folder (adapter_config.json + adapter_model.safetensors)"),
     Format("onnx-adapter", "onnx_adapter", reads=False, writes=True, on_hub=False,
            description="ONNX Runtime .onnx_adapter file (for a graph from export --onnx --unmerged)"),
+    Format("gguf", "gguf", reads=True, writes=True, on_hub=False,
+           description="llama.cpp GGUF LoRA (.gguf; needs --base, the Hugging Face model the base GGUF came from)"),
 )}
 
 
