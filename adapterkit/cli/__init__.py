@@ -80,6 +80,9 @@ def _quiet_dependencies() -> None:
     os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets its loggers' levels on import, from this variable
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # numpy's floating-point warnings (overflow in a cast, ...) from adapterkit's own math: every result is checked
+    # finite and refused in one line, so the warning would only add lines around that refusal
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"adapterkit(\.|$)")
 
 
 def main(argv: list[str] | None = None) -> None:
