@@ -16,6 +16,9 @@ from adapterkit.errors import RequestError
 
 #: the largest magnitude of an adapter weight: far beyond any use, small enough that w·s·B stays finite in float32
 MAX_WEIGHT = 1e6
+#: the largest count (steps, epochs, rank, batch size, prefix length, seed): beyond any use, and small enough that a
+#: tensor sized by it stays within torch's and numpy's 64-bit sizes (larger ones raise their own errors, not ours)
+MAX_COUNT = 2**31 - 1
 
 
 def number(value, name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -34,8 +37,8 @@ def number(value, name: str, low: float | None = None, high: float | None = None
     return result
 
 
-def count(value, name: str, low: int = 1, high: int | None = None) -> int:
-    """``value`` as an integer ≥ ``low`` (and ≤ ``high``); else RequestError."""
+def count(value, name: str, low: int = 1, high: int | None = MAX_COUNT) -> int:
+    """``value`` as an integer ≥ ``low`` and ≤ ``high`` (default :data:`MAX_COUNT`); else RequestError."""
     if isinstance(value, str):
         try:
             value = int(value, 10)

@@ -54,7 +54,7 @@ def check_weight_count(weights: list[float] | None, adapters: int) -> list[float
     return weights
 
 
-COUNT = click.IntRange(min=1)
+COUNT = click.IntRange(min=1, max=values.MAX_COUNT)
 WEIGHTS = click.option("--weights", type=Weights(), default=None,
                        help="One weight per adapter, comma-separated, e.g. 0.7,0.3 (negative subtracts).  "
                             "[default: 1 each]")
