@@ -90,7 +90,8 @@ def digests(path: Path) -> dict[str, tuple]:
 
 
 class Inputs:
-    """Inputs registered by a test, hashed when registered and checked again when the test ends."""
+    """Inputs registered by a test, hashed when registered and checked again when the test ends: every test of this
+    suite registers every input it gives a command."""
 
     def __init__(self):
         self.before: dict[Path, dict] = {}
@@ -217,7 +218,8 @@ def write_old_output(writer: Writer, out: Path) -> dict:
 
 
 def child_environment(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in (outputs.PAUSE_VARIABLE, "ADAPTERKIT_TEST_PAUSED", "HF_TOKEN")}
+    dropped = (outputs.PAUSE_VARIABLE, "ADAPTERKIT_TEST_PAUSED", "HF_TOKEN")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update({k: os.fspath(v) for k, v in (extra or {}).items()})
     return env
 
@@ -264,7 +266,7 @@ def loopback_hub(world, tmp_path):
         yield env
 
 
-# === 1. killed in the middle ==========================================================================================
+# === killed in the middle =============================================================================================
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill-9"])
@@ -335,7 +337,7 @@ def test_a_hangup_or_an_interrupt_before_the_commit_removes_the_temporary(comman
     assert digests(out) == old
 
 
-# === 2. no space left on the device ===================================================================================
+# === no space left on the device ======================================================================================
 
 
 def mount(*args) -> None:
@@ -379,7 +381,7 @@ def test_no_space_left_is_one_line_naming_the_output_and_leaves_nothing(command,
     assert listing(full_tmpfs) == {"filler"}  # no partial output, temporary or lock file
 
 
-# === 3. a read-only file system =======================================================================================
+# === a read-only file system ==========================================================================================
 
 
 @pytest.fixture
@@ -407,7 +409,7 @@ def test_a_read_only_file_system_is_one_line(command, inside, world, inputs, rea
     assert listing(read_only) == set()
 
 
-# === 4. an output on another file system than its inputs ===========================================================
+# === an output on another file system than its inputs =================================================================
 
 
 @pytest.fixture
@@ -470,7 +472,7 @@ def test_kernel_copy_failures_fall_back_or_are_one_line(failure, world, inputs, 
     same_bytes(reference, out)
 
 
-# === 5. two writers on one output =====================================================================================
+# === two writers on one output ========================================================================================
 
 
 @pytest.mark.parametrize("command", ["merge", "compose"])
@@ -479,7 +481,7 @@ def test_a_second_writer_on_the_same_output_is_refused_and_the_first_completes(c
     inputs.add(*writer.inputs(world))
     out = writer.output(tmp_path / "outputs")
     announce = tmp_path / "paused"
-    first = spawn(writer.args(world, out), child_environment(), announce, pause=4)
+    first = spawn(writer.args(world, out), child_environment(), announce, pause=6)
     try:
         wait_until_paused(first, announce)
         second = call_cli(*writer.args(world, out))
@@ -495,7 +497,7 @@ def test_a_second_writer_on_the_same_output_is_refused_and_the_first_completes(c
     assert listing(out.parent) == {out.name}
 
 
-# === 7. outputs that are, contain or lie inside an input ============================================================
+# === outputs that are, contain or lie inside an input =================================================================
 
 
 def overlap_case(name: str, tmp: Path, w: SimpleNamespace) -> tuple[list, list, str]:
@@ -580,7 +582,7 @@ def test_overwrite_never_replaces_a_folder_adapterkit_did_not_write(command, wor
     assert_refused(result, f"{foreign}: is a folder adapterkit did not write")
 
 
-# === 8. inputs that are not regular files =============================================================================
+# === inputs that are not regular files ================================================================================
 
 
 @pytest.fixture(params=["fifo", "socket", "/dev/zero"])
@@ -603,7 +605,8 @@ def non_regular(request, tmp_path):
 
 
 def non_regular_args(command: str, world, path: Path, out: Path) -> list:
-    return {"validate": ["validate", path], "inspect": ["inspect", path], "compose": ["compose", world.a, path, "-o", out],
+    return {"validate": ["validate", path], "inspect": ["inspect", path],
+            "compose": ["compose", world.a, path, "-o", out],
             "merge": ["merge", world.base, path, "-o", out],
             "train": ["train", world.train_base, "--data", path, "--steps", 1, "-o", out]}[command]
 
@@ -652,7 +655,7 @@ def test_a_non_regular_input_to_a_torch_command_is_refused_without_blocking(comm
     assert not out.parent.exists()
 
 
-# === 9. OS errors: one line naming the path, never an internal error ===============================================
+# === OS errors: one line naming the path, never an internal error =====================================================
 
 
 @pytest.mark.parametrize("command", ["merge", "compose", "export", "convert", "train"])
@@ -695,7 +698,7 @@ def test_permission_denied_is_one_line(command, world, inputs, tmp_path):
         locked.chmod(0o700)
 
 
-# === 10. permissions: what the umask says =============================================================================
+# === permissions: what the umask says =================================================================================
 
 UMASK_DRIVER = r"""
 import json, os, sys
@@ -756,7 +759,7 @@ def test_outputs_follow_the_umask(umask, command, umask_outputs, request):
     assert listing(out) == {top.name}  # no temporary, no lock file
 
 
-# === bad numbers and bad adapters: refused, and nothing written =====================================================
+# === bad numbers and bad adapters: refused, and nothing written =======================================================
 
 
 @pytest.mark.parametrize("args, option", [

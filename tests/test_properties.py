@@ -29,6 +29,7 @@ from adapterkit.compose.methods import METHODS
 from adapterkit.errors import AdapterError
 from adapterkit.example import build_example
 from adapterkit.io.checkpoint import Checkpoint
+from test_faults import Inputs
 
 TARGETS = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.0.mlp.up_proj"]
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -95,6 +96,15 @@ def materials(tiny_llama_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def example(tmp_path_factory):
     return build_example(tmp_path_factory.mktemp("example") / "example")
+
+
+@pytest.fixture(autouse=True)
+def inputs_untouched(materials, example):
+    """Every input of these tests hashed before and after each test (test_faults.py's guard)."""
+    guard = Inputs()
+    guard.add(materials["a"], materials["b"], materials["base"], example["llama"], example["support_formal"])
+    yield
+    guard.check()
 
 
 def fresh_output(root, name: str):
@@ -168,9 +178,10 @@ def test_hostile_train_options_are_refused_before_any_work(example, tmp_path_fac
     train(example, tmp_path_factory.getbasetemp(), method, **options)
 
 
-@examples(12)
+@examples(10)
 @given(method=st.sampled_from(TRAIN_METHODS), epochs=st.sampled_from(["1", str(2**31 - 1)]),
-       batch_size=st.integers(1, 3), rank=st.integers(1, 3), alpha=st.sampled_from(["1e6", "-1e6", "0", "5e-324", "16"]),
+       batch_size=st.integers(1, 3), rank=st.integers(1, 3),
+       alpha=st.sampled_from(["1e6", "-1e6", "0", "5e-324", "16"]),
        lr=st.sampled_from(["10", "1e-300", "1e-3"]), prefix_length=st.integers(1, 3))
 def test_train_at_the_edges_of_the_valid_ranges_writes_finite_files_or_refuses(example, tmp_path_factory, method,
                                                                                 epochs, batch_size, rank, alpha, lr,
