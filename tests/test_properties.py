@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import tiny_models
@@ -94,15 +94,16 @@ def materials(tiny_llama_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def example(tmp_path_factory):
+def tiny_example(tmp_path_factory):
     return build_example(tmp_path_factory.mktemp("example") / "example")
 
 
 @pytest.fixture(autouse=True)
-def inputs_untouched(materials, example):
+def inputs_untouched(materials, tiny_example):
     """Every input of these tests hashed before and after each test (test_faults.py's guard)."""
     guard = Inputs()
-    guard.add(materials["a"], materials["b"], materials["base"], example["llama"], example["support_formal"])
+    guard.add(materials["a"], materials["b"], materials["base"], tiny_example["llama"],
+              tiny_example["support_formal"])
     yield
     guard.check()
 
@@ -159,23 +160,32 @@ def test_merge_options_never_give_an_internal_error_or_a_non_finite_folder(mater
 TRAIN_METHODS = ["lora", "bitfit", "prefix"]
 
 
-def train(example, root, method, **options):
+def train(built, root, method, **options):
     out = fresh_output(root, "trained.safetensors")
-    args = ["train", example["llama"], "--data", example["support_formal"], f"--method={method}",
+    args = ["train", built["llama"], "--data", built["support_formal"], f"--method={method}",
             *(f"--{name.replace('_', '-')}={value}" for name, value in options.items())]
     check(call_cli(*args, "-o", out), out)
     shutil.rmtree(out.parent)
 
 
+HOSTILE_TRAIN_OPTIONS = ["steps", "epochs", "batch_size", "rank", "alpha", "lr", "prefix_length", "seed"]
+
+
 @examples(60)
-@given(method=st.sampled_from(TRAIN_METHODS), hostile=st.sampled_from(["steps", "epochs", "batch_size", "rank",
-                                                                          "alpha", "lr", "prefix_length"]),
-       count=counts, number=numbers)
-def test_hostile_train_options_are_refused_before_any_work(example, tmp_path_factory, method, hostile, count, number):
+@given(method=st.sampled_from(TRAIN_METHODS), hostile=st.sampled_from(HOSTILE_TRAIN_OPTIONS), count=counts,
+       number=numbers)
+@example(method="lora", hostile="rank", count=str(2**63), number="")  # were internal errors from torch
+@example(method="prefix", hostile="prefix_length", count=str(10**30), number="")
+@example(method="lora", hostile="seed", count=str(10**27), number="")
+@example(method="lora", hostile="rank", count=str(2**31), number="")
+@example(method="bitfit", hostile="lr", count="", number="nan")
+def test_hostile_train_options_are_refused_before_any_work(tiny_example, tmp_path_factory, method, hostile, count,
+                                                            number):
     """One hostile value among valid ones (--steps 1: an example that is not refused trains one step)."""
-    options = {"steps": 1, "epochs": 1, "batch_size": 2, "rank": 2, "alpha": 4, "lr": "1e-3", "prefix_length": 2}
+    options = {"steps": 1, "epochs": 1, "batch_size": 2, "rank": 2, "alpha": 4, "lr": "1e-3", "prefix_length": 2,
+               "seed": 0}
     options[hostile] = number if hostile in ("alpha", "lr") else count
-    train(example, tmp_path_factory.getbasetemp(), method, **options)
+    train(tiny_example, tmp_path_factory.getbasetemp(), method, **options)
 
 
 @examples(10)
@@ -183,12 +193,12 @@ def test_hostile_train_options_are_refused_before_any_work(example, tmp_path_fac
        batch_size=st.integers(1, 3), rank=st.integers(1, 3),
        alpha=st.sampled_from(["1e6", "-1e6", "0", "5e-324", "16"]),
        lr=st.sampled_from(["10", "1e-300", "1e-3"]), prefix_length=st.integers(1, 3))
-def test_train_at_the_edges_of_the_valid_ranges_writes_finite_files_or_refuses(example, tmp_path_factory, method,
+def test_train_at_the_edges_of_the_valid_ranges_writes_finite_files_or_refuses(tiny_example, tmp_path_factory, method,
                                                                                 epochs, batch_size, rank, alpha, lr,
                                                                                 prefix_length):
     """The largest learning rate and alpha can make the weights blow up: then nothing is written, in one line."""
-    train(example, tmp_path_factory.getbasetemp(), method, steps=1, epochs=epochs, batch_size=batch_size, rank=rank,
-          alpha=alpha, lr=lr, prefix_length=prefix_length)
+    train(tiny_example, tmp_path_factory.getbasetemp(), method, steps=1, epochs=epochs, batch_size=batch_size,
+          rank=rank, alpha=alpha, lr=lr, prefix_length=prefix_length)
 
 
 # --- numbers inside a valid adapter file -------------------------------------------------------------------------
