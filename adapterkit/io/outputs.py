@@ -36,6 +36,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -188,6 +189,8 @@ def _clean_leftovers(path: Path) -> None:
     stem = _stem(path)
     for leftover in path.parent.glob(f".{glob_escape(stem)}.*"):
         suffix = leftover.name[len(stem) + 1:]
+        if not re.fullmatch(rf"\.\d+({re.escape(TEMPORARY)}|{re.escape(MOVED_ASIDE)})", suffix):
+            continue  # another output's (".model.v2.<pid>.adapterkit-tmp" is not the output "model"'s)
         if suffix.endswith(TEMPORARY):
             log.warning("removing %s, left by an adapterkit process that did not finish", leftover)
             _remove(leftover)
