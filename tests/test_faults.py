@@ -497,6 +497,52 @@ def test_a_second_writer_on_the_same_output_is_refused_and_the_first_completes(c
     assert listing(out.parent) == {out.name}
 
 
+def test_writers_of_outputs_whose_names_share_a_prefix_leave_each_other_alone(world, inputs, tmp_path):
+    """The writer of "model" cleans up what killed writers of "model" left, never the live temporary of a writer of
+    "model.v2" beside it."""
+    inputs.add(world.a, world.b)
+    where = tmp_path / "outputs"
+    announce = tmp_path / "paused"
+    first = spawn(["compose", world.a, world.b, "-o", where / "model.v2"], child_environment(), announce, pause=6)
+    try:
+        wait_until_paused(first, announce)
+        second = call_cli("compose", world.a, world.b, "-o", where / "model")
+        assert first.poll() is None
+        assert second.returncode == 0, second.stderr
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err
+    assert listing(where) == {"model", "model.v2"}
+    check_output("compose", where / "model.v2")
+
+
+NAMES = {"brackets": "out[1].safetensors", "glob": "o*?.safetensors", "newline": "new\nline.safetensors",
+         "long": "x" * 240 + ".safetensors", "dash": "-o.safetensors", "unicode": "ü ñ.safetensors"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_leftovers_of_a_killed_writer_are_found_whatever_the_output_name(name, world, inputs, tmp_path):
+    """Glob characters, a newline, a name too long to keep whole in the temporary's name (shortened with a hash)."""
+    inputs.add(world.a, world.b)
+    where = tmp_path / "outputs"
+    out = where / NAMES[name]
+    announce = tmp_path / "paused"
+    process = spawn(["compose", world.a, world.b, "-o", out], child_environment(), announce, pause=120)
+    try:
+        wait_until_paused(process, announce)
+    finally:
+        process.kill()
+        process.communicate()
+    assert len(listing(where)) == 2  # the temporary and the lock file
+    again = call_cli("compose", world.a, world.b, "-o", out)
+    assert again.returncode == 0, again.stderr
+    assert listing(where) == {out.name}
+    check_output("compose", out)
+
+
 # === outputs that are, contain or lie inside an input =================================================================
 
 
