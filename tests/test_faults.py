@@ -805,7 +805,7 @@ def test_outputs_follow_the_umask(umask, command, umask_outputs, request):
     assert listing(out) == {top.name}  # no temporary, no lock file
 
 
-# === bad numbers and bad adapters: refused, and nothing written =======================================================
+# === bad values and bad files: refused, and nothing written =======================================================
 
 
 @pytest.mark.parametrize("args, option", [
@@ -850,4 +850,18 @@ def test_a_weight_that_overflows_the_merged_tensor_is_refused_by_name(weight, wo
     out = tmp_path / "outputs" / "merged"
     result = call_cli("merge", world.base, adapter, "-o", out)
     assert_refused(result, "model.layers.0.self_attn.q_proj.weight", "NaN or Inf", "nothing was written")
+    assert listing(out.parent) == set()
+
+
+@pytest.mark.parametrize("config", [b"{not json", b"[1, 2]", b'"a string"', b"\xff\xfe{"],
+                         ids=["not-json", "a-list", "a-string", "not-utf8"])
+def test_a_base_config_that_is_not_a_json_object_is_refused_when_the_dtype_changes(config, world, inputs, tmp_path):
+    """merge --dtype records the new dtype in the copied config.json, which must be a JSON object."""
+    base = tmp_path / "base"
+    shutil.copytree(world.base, base)
+    (base / "config.json").write_bytes(config)
+    inputs.add(base, world.a)
+    out = tmp_path / "outputs" / "merged"
+    result = call_cli("merge", base, world.a, "-o", out, "--dtype", "float16", "--force")
+    assert_refused(result, f"{base / 'config.json'}: is not a JSON object")
     assert listing(out.parent) == set()
