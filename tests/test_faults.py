@@ -443,11 +443,11 @@ def test_an_output_on_another_file_system_is_the_same_byte_for_byte(command, wor
     assert listing(other_file_system) == {"there"}
 
 
-@pytest.mark.parametrize("failure", ["EXDEV", "ENOSYS", "EINVAL", "missing", "EIO"])
+@pytest.mark.parametrize("failure", ["EXDEV", "ENOSYS", "EINVAL", "copies-nothing", "missing", "EIO"])
 def test_kernel_copy_failures_fall_back_or_are_one_line(failure, world, inputs, tmp_path, monkeypatch):
     """copy_file_range failing as on another file system (EXDEV), an old kernel (ENOSYS), a file system without it
-    (EINVAL), or a Python without it: the same bytes by a plain copy. A real I/O error (EIO): one line, nothing
-    written."""
+    (EINVAL), copying nothing without an error (as for files of some file systems), or a Python without it: the same
+    bytes by a plain copy. A real I/O error (EIO): one line, nothing written."""
     writer = WRITERS["merge"]
     inputs.add(*writer.inputs(world))
     reference = tmp_path / "reference"
@@ -458,6 +458,8 @@ def test_kernel_copy_failures_fall_back_or_are_one_line(failure, world, inputs, 
     else:
         def failing(*args, **kwargs):
             calls.append(args)
+            if failure == "copies-nothing":
+                return 0
             raise OSError(getattr(errno, failure), os.strerror(getattr(errno, failure)))
 
         monkeypatch.setattr(os, "copy_file_range", failing)
