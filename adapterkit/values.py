@@ -28,6 +28,8 @@ def number(value, name: str, low: float | None = None, high: float | None = None
         result = float(value)
     except (TypeError, ValueError):
         raise RequestError(f"{name} must be a number, got {value!r}") from None
+    except OverflowError:  # an integer (or fraction) beyond any float
+        raise RequestError(f"{name} must be a finite number, got one beyond the range of floats") from None
     if isinstance(value, bool) or not math.isfinite(result):
         raise RequestError(f"{name} must be a finite number, got {value!r}")
     too_low = low is not None and (result < low or (low_open and result == low))
