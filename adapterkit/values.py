@@ -50,7 +50,9 @@ def count(value, name: str, low: int = 1, high: int | None = MAX_COUNT) -> int:
         raise RequestError(f"{name} must be a whole number, got {value!r}")
     if value < low or (high is not None and value > high):
         bound = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise RequestError(f"{name} must be {bound}, got {value}")
+        # Python refuses to print an integer of more than 4300 digits
+        shown = value if value.bit_length() < 1000 else f"an integer of {value.bit_length()} bits"
+        raise RequestError(f"{name} must be {bound}, got {shown}")
     return value
 
 
