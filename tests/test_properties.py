@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 
 import tiny_models
 from cli_runner import call_cli
-from adapterkit import load, save
+from adapterkit import load, save, values
 from adapterkit.attach import attach
 from adapterkit.compose.methods import METHODS
-from adapterkit.errors import AdapterError
+from adapterkit.errors import AdapterError, RequestError
 from adapterkit.example import build_example
 from adapterkit.io.checkpoint import Checkpoint
 from test_faults import Inputs
@@ -117,6 +117,34 @@ def fresh_output(root, name: str):
 
 def option(name: str, value) -> list[str]:
     return [] if value is None else [f"--{name}={value}"]
+
+
+# --- the parsers every number goes through ------------------------------------------------------------------------
+
+
+anything = st.one_of(st.integers(), st.integers(min_value=2**3000), st.floats(), st.text(), st.booleans(), st.none(),
+                     st.decimals(), st.fractions(), st.sampled_from(HOSTILE_NUMBERS + HOSTILE_COUNTS),
+                     st.binary(max_size=4), st.lists(st.integers(), max_size=2))
+
+
+@examples(300)
+@given(value=anything)
+def test_the_parsers_return_a_value_in_range_or_refuse_in_one_line(value):
+    """values.number, values.count and values.weights (what the CLI's option types and the library call): a finite
+    float in range, an int in range, finite weights of at most MAX_WEIGHT; else a RequestError of one line."""
+    for parse, valid in [
+        (lambda v: values.number(v, "x", -1e6, 1e6), lambda r: type(r) is float and abs(r) <= 1e6),
+        (lambda v: values.number(v, "x", 0, 1, low_open=True), lambda r: type(r) is float and 0 < r <= 1),
+        (lambda v: values.count(v, "x"), lambda r: type(r) is int and 1 <= r <= values.MAX_COUNT),
+        (lambda v: values.count(v, "x", low=0), lambda r: type(r) is int and 0 <= r <= values.MAX_COUNT),
+        (lambda v: values.weights(v), lambda r: all(math.isfinite(w) and abs(w) <= values.MAX_WEIGHT for w in r)),
+    ]:
+        try:
+            result = parse(value)
+        except RequestError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < 20_000
+        else:
+            assert valid(result), result
 
 
 # --- option values ---------------------------------------------------------------------------------------------------
