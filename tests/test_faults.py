@@ -224,22 +224,44 @@ def child_environment(extra: dict | None = None) -> dict:
     return env
 
 
-def spawn(args, env: dict, announce: Path, pause: float) -> subprocess.Popen:
-    env = {**env, outputs.PAUSE_VARIABLE: str(pause), "ADAPTERKIT_TEST_PAUSED": os.fspath(announce)}
-    return subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+class Paused:
+    """A child process running ``adapterkit ARGS``, its stderr in a file (a full pipe would block it)."""
+
+    def __init__(self, args, env: dict, folder: Path, pause: float):
+        self.announce, self.log = folder / "paused", folder / "child.stderr"
+        env = {**env, outputs.PAUSE_VARIABLE: str(pause), "ADAPTERKIT_TEST_PAUSED": os.fspath(self.announce)}
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], env=env,
+                                            stdout=subprocess.DEVNULL, stderr=log)
+        self.pid = self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
+        """Wait for the end: (exit status, stderr)."""
+        return self.process.wait(timeout), self.log.read_text()
 
 
-def wait_until_paused(process: subprocess.Popen, announce: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not announce.exists():
-        if process.poll() is not None:
-            out, err = process.communicate()
-            pytest.fail(f"the command ended (status {process.returncode}) before its pause:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the command never reached its pause before the commit")
-        time.sleep(0.05)
+@contextlib.contextmanager
+def paused_writer(args, env: dict, folder: Path, pause: float = 120, timeout: float = 180):
+    """Start ``adapterkit ARGS`` with the pause hook and yield it once its output is complete and paused before the
+    rename; killed on the way out if still running."""
+    child = Paused(args, env, folder, pause)
+    try:
+        deadline = time.monotonic() + timeout
+        while not child.announce.exists():
+            if not child.running():
+                pytest.fail(f"the command ended (status {child.process.returncode}) before its pause:\n"
+                            f"{child.log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail("the command never reached its pause before the commit")
+            time.sleep(0.05)
+        yield child
+    finally:
+        if child.running():
+            child.process.kill()
+            child.process.wait()
 
 
 def run_child(args, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -290,29 +312,22 @@ def test_a_writer_killed_before_its_commit_leaves_no_partial_output(command, sig
     where.mkdir()
     out = writer.output(where)
     old = write_old_output(writer, out) if existed else None
-    announce = tmp_path / "paused"
-    process = spawn(writer.args(world, out), env, announce, pause=120)
-    try:
-        wait_until_paused(process, announce)
-        temporary = f".{out.name}.{process.pid}{outputs.TEMPORARY}"
+    with paused_writer(writer.args(world, out), env, tmp_path) as child:
+        temporary = f".{out.name}.{child.pid}{outputs.TEMPORARY}"
         assert temporary in listing(where)  # killed while its output is complete but not in place
-        process.send_signal(signum)
-        _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        child.process.send_signal(signum)
+        status, err = child.finish(timeout=60)
     if existed:
         assert digests(out) == old
     else:
         assert not os.path.lexists(out)
     if signum == signal.SIGTERM:
-        assert process.returncode == 128 + signal.SIGTERM, err
+        assert status == 128 + signal.SIGTERM, err
         assert one_line(SimpleNamespace(stdout="", stderr=err)) == ("error: terminated by SIGTERM: stopped, "
                                                                     "temporary files removed")
         assert listing(where) == ({out.name} if existed else set())  # no temporary, no lock file
         return
-    assert process.returncode == -signal.SIGKILL
+    assert status == -signal.SIGKILL
     assert temporary in listing(where)
     again = run_child(writer.args(world, out), env) if command == "pull" else call_cli(*writer.args(world, out))
     assert again.returncode == 0, again.stderr
@@ -331,17 +346,10 @@ def test_a_hangup_or_an_interrupt_before_the_commit_removes_the_temporary(comman
     where = tmp_path / "outputs"
     out = writer.output(where)
     old = write_old_output(writer, out)
-    announce = tmp_path / "paused"
-    process = spawn(writer.args(world, out), child_environment(), announce, pause=120)
-    try:
-        wait_until_paused(process, announce)
-        process.send_signal(signum)
-        _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 128 + signum, err
+    with paused_writer(writer.args(world, out), child_environment(), tmp_path) as child:
+        child.process.send_signal(signum)
+        status, err = child.finish(timeout=60)
+    assert status == 128 + signum, err
     assert one_line(SimpleNamespace(stdout="", stderr=err)).startswith(f"error: {words}")
     assert listing(where) == {out.name}
     assert digests(out) == old
@@ -492,19 +500,12 @@ def test_a_second_writer_on_the_same_output_is_refused_and_the_first_completes(c
     writer = WRITERS[command]
     inputs.add(*writer.inputs(world))
     out = writer.output(tmp_path / "outputs")
-    announce = tmp_path / "paused"
-    first = spawn(writer.args(world, out), child_environment(), announce, pause=6)
-    try:
-        wait_until_paused(first, announce)
+    with paused_writer(writer.args(world, out), child_environment(), tmp_path, pause=6) as first:
         second = call_cli(*writer.args(world, out))
-        assert first.poll() is None  # the first was still writing when the second was refused
+        assert first.running()  # the first was still writing when the second was refused
         assert_refused(second, f"{out}: another adapterkit process is writing this output")
-        _, err = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    assert first.returncode == 0, err
+        status, err = first.finish()
+    assert status == 0, err
     check_output(command, out)
     assert listing(out.parent) == {out.name}
 
@@ -514,19 +515,13 @@ def test_writers_of_outputs_whose_names_share_a_prefix_leave_each_other_alone(wo
     "model.v2" beside it."""
     inputs.add(world.a, world.b)
     where = tmp_path / "outputs"
-    announce = tmp_path / "paused"
-    first = spawn(["compose", world.a, world.b, "-o", where / "model.v2"], child_environment(), announce, pause=6)
-    try:
-        wait_until_paused(first, announce)
+    with paused_writer(["compose", world.a, world.b, "-o", where / "model.v2"], child_environment(), tmp_path,
+                       pause=6) as first:
         second = call_cli("compose", world.a, world.b, "-o", where / "model")
-        assert first.poll() is None
+        assert first.running()
         assert second.returncode == 0, second.stderr
-        _, err = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    assert first.returncode == 0, err
+        status, err = first.finish()
+    assert status == 0, err
     assert listing(where) == {"model", "model.v2"}
     check_output("compose", where / "model.v2")
 
@@ -541,13 +536,9 @@ def test_leftovers_of_a_killed_writer_are_found_whatever_the_output_name(name, w
     inputs.add(world.a, world.b)
     where = tmp_path / "outputs"
     out = where / NAMES[name]
-    announce = tmp_path / "paused"
-    process = spawn(["compose", world.a, world.b, "-o", out], child_environment(), announce, pause=120)
-    try:
-        wait_until_paused(process, announce)
-    finally:
-        process.kill()
-        process.communicate()
+    with paused_writer(["compose", world.a, world.b, "-o", out], child_environment(), tmp_path) as child:
+        child.process.kill()
+        child.process.wait()
     assert len(listing(where)) == 2  # the temporary and the lock file
     again = call_cli("compose", world.a, world.b, "-o", out)
     assert again.returncode == 0, again.stderr
