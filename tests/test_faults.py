@@ -565,11 +565,12 @@ def overlap_case(name: str, tmp: Path, w: SimpleNamespace) -> tuple[list, list, 
         (adapters / RECORD_FILE).write_text('{"merged": []}\n')
         (adapters / "adapter_config.json").write_text("{}\n")
         shutil.copy(w.data, tmp / "data.jsonl")
+        shutil.copytree(w.train_base, tmp / "llama")
         (tmp / "link-to-a.safetensors").symlink_to(adapters / "a.safetensors")
         os.link(adapters / "a.safetensors", tmp / "hard-link-to-a.safetensors")
         (tmp / "link-to-adapters").symlink_to(adapters)
         (tmp / "link-to-base").symlink_to(models / "base")
-    base, a, b = models / "base", adapters / "a.safetensors", adapters / "b.safetensors"
+    base, a, b, llama = models / "base", adapters / "a.safetensors", adapters / "b.safetensors", tmp / "llama"
     cases = {
         "merge -o BASE": (["merge", base, a, "-o", base, "--overwrite"], "is also an input"),
         "merge -o PARENT_OF_BASE": (["merge", base, a, "-o", models, "--overwrite"], "contains the input"),
@@ -588,13 +589,14 @@ def overlap_case(name: str, tmp: Path, w: SimpleNamespace) -> tuple[list, list, 
         "export -o BASE/sub": (["export", "--onnx", base, a, "--unmerged", "-o", base / "onnx"],
                                "lies inside the input"),
         "convert -o folder_of_a": (["convert", a, "--to", "peft", "-o", adapters], "contains the input"),
-        "train -o DATA": (["train", w.train_base, "--data", tmp / "data.jsonl", "--steps", 1, "-o",
-                           tmp / "data.jsonl"], "is also an input"),
-        "train -o BASE/adapter": (["train", w.train_base, "--data", tmp / "data.jsonl", "--steps", 1, "-o",
-                                   w.train_base / "adapter.safetensors"], "lies inside the input"),
+        "train -o DATA": (["train", llama, "--data", tmp / "data.jsonl", "--steps", 1, "-o", tmp / "data.jsonl"],
+                          "is also an input"),
+        "train -o BASE/adapter": (["train", llama, "--data", tmp / "data.jsonl", "--steps", 1, "-o",
+                                   llama / "adapter.safetensors"], "lies inside the input"),
     }
+    assert list(cases) == OVERLAPS
     args, words = cases[name]
-    return args, [models, adapters, tmp / "data.jsonl", w.train_base], words
+    return args, [models, adapters, tmp / "data.jsonl", llama], words
 
 
 OVERLAPS = ["merge -o BASE", "merge -o PARENT_OF_BASE", "merge -o BASE/sub", "merge -o link_to_BASE",
