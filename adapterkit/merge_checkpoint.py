@@ -215,6 +215,11 @@ def _copy_other_files(source_dir: Path, out: Path, dtype: torch.dtype | None) ->
             shutil.copyfileobj(source, target)
     config = out / "config.json"
     if dtype is not None and config.is_file():
-        data = json.loads(config.read_text())
+        try:
+            data = json.loads(config.read_bytes())
+        except ValueError:  # not UTF-8 or not JSON
+            data = None
+        if not isinstance(data, dict):
+            raise FormatError("is not a JSON object: cannot record the new dtype in it", source_dir / "config.json")
         data["dtype" if "torch_dtype" not in data else "torch_dtype"] = str(dtype).removeprefix("torch.")
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -31,10 +31,12 @@ writing everything and before the rename, so tests can kill it there (as SQLite'
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -79,7 +81,7 @@ def output(path: str | os.PathLike, *, inputs: Iterable = (), folder: bool = Fal
     path = Path(os.path.abspath(os.fspath(path)))
     refuse_overlap(path, inputs)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         with _claim(path):
             _check_existing(path, folder, overwrite, tuple(owned))
             tmp = path.with_name(f".{_stem(path)}.{os.getpid()}{TEMPORARY}")
@@ -100,6 +102,20 @@ def output(path: str | os.PathLike, *, inputs: Iterable = (), folder: bool = Fal
                 raise
     except OSError as exc:
         raise _explained(exc, path) from None
+
+
+def _make_parent(path: Path) -> None:
+    """Create the output's folder; refuse, before any work, a parent that is a file and a name too long."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir(exist_ok=True) says so when the parent exists and is not a folder
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(path.parent)) from None
+    try:
+        longest = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):  # the file system does not say: the rename will tell
+        return
+    if len(os.fsencode(path.name)) > longest:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), os.fspath(path))
 
 
 def refuse_overlap(path: str | os.PathLike, inputs: Iterable) -> None:
@@ -173,6 +189,8 @@ def _clean_leftovers(path: Path) -> None:
     stem = _stem(path)
     for leftover in path.parent.glob(f".{glob_escape(stem)}.*"):
         suffix = leftover.name[len(stem) + 1:]
+        if not re.fullmatch(rf"\.\d+({re.escape(TEMPORARY)}|{re.escape(MOVED_ASIDE)})", suffix):
+            continue  # another output's (".model.v2.<pid>.adapterkit-tmp" is not the output "model"'s)
         if suffix.endswith(TEMPORARY):
             log.warning("removing %s, left by an adapterkit process that did not finish", leftover)
             _remove(leftover)
@@ -273,7 +291,7 @@ def _signals_raise() -> Iterator[None]:
 def _explained(exc: OSError, path: Path) -> FileSystemError:
     """The OS error as one line naming the output (not its temporary)."""
     named = exc.filename
-    if named is None or f"{TEMPORARY}" in os.fspath(named) or f"{MOVED_ASIDE}" in os.fspath(named):
+    if named is None or any(suffix in os.fspath(named) for suffix in (TEMPORARY, MOVED_ASIDE, LOCK)):
         exc = OSError(exc.errno, exc.strerror)
         return FileSystemError.from_os_error(exc, path)
     return FileSystemError.from_os_error(exc, named)
