@@ -1,12 +1,13 @@
 """Benchmark: compose LoRAs, ours against PEFT at its defaults and at its fastest setting, in one script.
 
     nice .venv/bin/python benchmarks/compose.py                               # the issue's: 2 layers, hidden 1536
-    nice .venv/bin/python benchmarks/compose.py --layers 1 --repeat 1         # a quick look
+    nice .venv/bin/python benchmarks/compose.py --shape tiny --repeat 1       # seconds: does it run
     nice .venv/bin/python benchmarks/compose.py --shape tinyllama --layers 4  # the previous one: 4 layers, hidden 2048
 
 The model: a Llama with the shapes of ``--shape`` (``qwen2-1.5b``: hidden 1536, intermediate 8960, 12 heads, 2 KV
-heads; ``tinyllama``: hidden 2048, intermediate 5632, 32 heads, 4 KV heads), ``--layers`` layers, and ``--adapters``
-random LoRAs of rank ``--rank`` (alpha 2·rank) on all of q, k, v, o, gate, up, down: 7 matrices a layer.
+heads; ``tinyllama``: hidden 2048, intermediate 5632, 32 heads, 4 KV heads; ``tiny``: hidden 256, a smoke test),
+``--layers`` layers, and ``--adapters`` random LoRAs of rank ``--rank`` (alpha 2·rank) on all of q, k, v, o, gate, up,
+down: 7 matrices a layer. Both sides run on ``--threads`` threads (torch's for PEFT, ``compose(threads=)`` for ours).
 
 Contenders (each the best of ``--repeat`` runs, the same N for all: the least disturbed by other load):
 
@@ -46,7 +47,7 @@ from adapterkit.compose import compose
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: name -> (hidden, intermediate, attention heads, key/value heads)
-SHAPES = {"qwen2-1.5b": (1536, 8960, 12, 2), "tinyllama": (2048, 5632, 32, 4)}
+SHAPES = {"qwen2-1.5b": (1536, 8960, 12, 2), "tinyllama": (2048, 5632, 32, 4), "tiny": (256, 688, 4, 2)}
 DRIVERS = ("gesvd", "gesvdj", "gesvda")  # torch.linalg.svd's drivers (cuSOLVER's)
 
 
@@ -124,11 +125,12 @@ def relative_error(exact: dict, approximate: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="qwen2-1.5b",
-                        help="qwen2-1.5b: hidden 1536 (the issue's); tinyllama: hidden 2048 (the previous default)")
+                        help="qwen2-1.5b: hidden 1536 (the issue's); tinyllama: hidden 2048 (the previous default); "
+                             "tiny: hidden 256 (a smoke test)")
     parser.add_argument("--layers", type=int, default=2, help="2 for the issue's 14 matrices (previously 4)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2, help="torch's threads (PEFT)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for each side: torch's (PEFT), compose's (ours)")
     parser.add_argument("--repeat", type=int, default=3, help="best of N, for every contender")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,8 +146,11 @@ def main() -> None:
           f"(intermediate {intermediate}, {args.shape}): {matrices} matrices; torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads; best of {args.repeat} for every contender", flush=True)
 
-    ours_svd, t_ours_svd = best_of(lambda: compose(adapters, weights, method="svd", rank=args.rank), args.repeat)
-    _, t_ours_cat = best_of(lambda: compose(adapters, weights, method="concat"), args.repeat)
+    def ours(method: str, **options):
+        return best_of(lambda: compose(adapters, weights, method=method, threads=args.threads, **options), args.repeat)
+
+    ours_svd, t_ours_svd = ours("svd", rank=args.rank)
+    _, t_ours_cat = ours("concat")
 
     peft_model = peft_model_with(model, adapters, args.rank, alpha)
     targets = adapters[0].components[0].targets
@@ -196,20 +201,22 @@ def main() -> None:
 
     print(f"svd_driver: {', '.join(drivers) if drivers else f'none accepted on {device.type} (cuSOLVER only)'}; "
           f"PEFT fastest at equal error: {fastest}")
-    print(f"{'contender':<52}{'wall s':>10}{'relative error':>18}")
+    print(f"{'contender':<64}{'wall s':>10}{'relative error':>20}")
     rows = [(f"ours svd (rank {args.rank})", t_ours_svd, error_ours),
-            (f"PEFT svd (svd_rank {args.rank}), defaults (svd_full_matrices=True)", t_peft_default, error_default)]
+            (f"PEFT svd (svd_rank {args.rank}), defaults: svd_full_matrices=True", t_peft_default, error_default)]
     rows += [(f"PEFT svd (svd_rank {args.rank}), {label}", seconds, errors[label])
              for label, (seconds, _) in fast.items()]
     rows += [("ours concat", t_ours_cat, None), ("PEFT cat", t_peft_cat, None)]
     for label, seconds, error in rows:
-        print(f"{label:<52}{seconds:>10.3f}{'' if error is None else f'{error:>18.6e}'}")
+        print(f"{label:<64}{seconds:>10.3f}{'' if error is None else f'{error:>20.10e}'}")
     recorded = ours_svd.manifest.composition["error"]["relative"]
-    print(f"ours svd records relative error {recorded:.6e}; error ours / PEFT default {error_ours / error_default:.6f}, "
-          f"ours / PEFT fastest {error_ours / error_fast:.6f} ({'≤' if error_ours <= error_fast else '>'} 1)")
+    verdict = "ours ≤ both" if error_ours <= min(error_default, error_fast) else "ours is WORSE"
+    print(f"svd error: ours records {recorded:.10e}; ours − PEFT default {error_ours - error_default:+.3e}, "
+          f"ours − PEFT fastest {error_ours - error_fast:+.3e} ({verdict})")
     print(f"svd:    ours vs PEFT default {t_peft_default / t_ours_svd:8.1f}x faster, "
-          f"vs PEFT fastest {t_peft_fast / t_ours_svd:8.1f}x faster")
-    print(f"concat: ours vs PEFT cat     {t_peft_cat / t_ours_cat:8.1f}x faster (PEFT's cat has no speed option)")
+          f"ours vs PEFT fastest {t_peft_fast / t_ours_svd:8.1f}x faster")
+    print(f"concat: ours vs PEFT cat     {t_peft_cat / t_ours_cat:8.1f}x faster "
+          f"(cat has no speed option: PEFT's default is its fastest)")
 
 
 if __name__ == "__main__":

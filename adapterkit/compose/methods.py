@@ -93,15 +93,16 @@ class Householder:
     """The thin QR factorisation X = Q·R of an [m, n] matrix by Householder reflections (LAPACK's geqrf, the one
     ``np.linalg.qr`` calls: the same R, bit for bit), with Q kept as its k = min(m, n) reflectors instead of formed.
 
-    Forming Q (``np.linalg.qr``'s orgqr) costs as much again as the factorisation, and both run column by column
-    (LAPACK's unblocked path for n below its crossover, 128): slow for the tall, narrow stacks of LoRA factors. Here
-    Q is applied in the compact WY form of Schreiber and Van Loan (1989), Q = H₁⋯H_k = I − V·T·Vᵀ, with T upper
-    triangular and T⁻¹ = striu(VᵀV) + diag(1/τ) (Puglisi 1992; Joffrain et al. 2006): two matrix products per use.
+    Forming Q (``np.linalg.qr``'s orgqr) would cost about as much again as the factorisation (both column by column:
+    LAPACK's unblocked path for fewer than 128 columns, memory-bound on the tall, narrow stacks of LoRA factors), and
+    only r ≤ k of its combinations are needed. So Q is applied in the compact WY form of Schreiber and Van Loan (1989),
+    Q = H₁⋯H_k = I − V·T·Vᵀ, with T upper triangular and T⁻¹ = striu(VᵀV) + diag(1/τ) (Puglisi 1992; Joffrain et al.
+    2006): two matrix products per use.
     """
 
     def __init__(self, x: np.ndarray) -> None:
         h, tau = np.linalg.qr(x, mode="raw")  # h is the transpose of LAPACK's [m, n] output
-        packed = h.T  # C-contiguous [m, n]: R on and above the diagonal, the reflectors below
+        packed = h.T  # [m, n]: R on and above the diagonal, the reflectors below (overwritten with V below)
         m, n = packed.shape
         k = min(m, n)
         self.r = np.triu(packed[:k])  # [k, n], as np.linalg.qr's
