@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from adapterkit.adapter import Adapter, split_tensor_name, tensor_name
-from adapterkit.errors import BaseMismatchError, RequestError
+from adapterkit.errors import BaseMismatchError, FormatError, RequestError
 from adapterkit.kinds import KINDS, get_kind
 from adapterkit.kinds.base import CompositionRequest, Part
 from adapterkit.manifest import COMPONENT_NAME, BaseModel, Manifest
@@ -111,7 +111,11 @@ def compose(
         if option in method.options:
             composition[option] = getattr(request, option)
     adapter = Adapter(Manifest(components, base_model=base_model, composition=composition), tensors)
-    adapter.validate()
+    try:
+        adapter.validate()
+    except FormatError as exc:  # finite inputs whose weights overflow float32 in the result
+        raise RequestError(f"the composite would not be a valid file: {exc.reason} (weights or alphas too "
+                           "large?); nothing was written") from None
     log.info("composed %d adapters by %s into %s (relative error %s)", len(adapters), method.name,
              ", ".join(f"{c.name} ({c.kind})" for c in components), error and f"{error['relative']:.3e}")
     return adapter
