@@ -345,3 +345,32 @@ def test_a_magnitude_of_the_wrong_shape_is_a_format_error(tmp_path):
     adapter.tensors[tensor_name("dora", query, "magnitude")] = np.ones(31, dtype=np.float32)
     with pytest.raises(FormatError, match="magnitude must be 1-D with one entry per output row"):
         adapter.validate()
+
+
+def test_a_merged_checkpoint_keeps_the_norms_and_unmerges(tmp_path):
+    """merge on disk keeps DoRA's row norms beside the record (adapterkit_merge.safetensors), under each merge's
+    entry: a later merge and unmerge keep them apart, and unmerging everything restores the base."""
+    import json
+
+    from adapterkit import save
+    from adapterkit.io.checkpoint import Checkpoint
+    from adapterkit.merge_checkpoint import KEPT_FILE, RECORD_FILE, merge_checkpoint, unmerge_checkpoint
+
+    model = tiny_models.llama()
+    model.save_pretrained(tmp_path / "base")
+    dora = _dora(model, ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"])
+    lora = tiny_models.random_lora(model, ["model.layers.0.self_attn.q_proj"], seed=3)
+    save(dora, tmp_path / "dora.safetensors")
+    save(lora, tmp_path / "lora.safetensors")
+    merge_checkpoint(tmp_path / "base", [tmp_path / "dora.safetensors", tmp_path / "lora.safetensors"],
+                     tmp_path / "merged")
+    assert [e["id"] for e in json.loads((tmp_path / "merged" / RECORD_FILE).read_text())["merged"]] == ["m1", "m2"]
+    merge_checkpoint(tmp_path / "merged", [tmp_path / "lora.safetensors"], tmp_path / "twice", weights=[0.5])
+    unmerge_checkpoint(tmp_path / "twice", [tmp_path / "lora.safetensors"], tmp_path / "once", weights=[0.5])
+    assert (tmp_path / "once" / KEPT_FILE).is_file()  # the DoRA's norms are still there
+    unmerge_checkpoint(tmp_path / "once", [tmp_path / "dora.safetensors", tmp_path / "lora.safetensors"],
+                       tmp_path / "restored")
+    assert not (tmp_path / "restored" / KEPT_FILE).exists()
+    with Checkpoint(tmp_path / "base") as base, Checkpoint(tmp_path / "restored") as restored:
+        for name in base.names():
+            np.testing.assert_allclose(restored.get(name), base.get(name), atol=1e-4, rtol=0)
