@@ -23,6 +23,8 @@ class Format:
     #: whether ``push --with-<name>`` uploads the adapter in this format beside ours
     on_hub: bool
     description: str
+    #: for a format that is one file, its name in a Hub repository (None: the format is a folder of files)
+    hub_file: str | None = None
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
@@ -34,6 +36,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx-adapter", "onnx_adapter", reads=False, writes=True, on_hub=False,
            description="ONNX Runtime .onnx_adapter file (for a graph from export --onnx --unmerged)"),
 )}
+
+
+def on_hub() -> list[str]:
+    """The formats ``push --with-<name>`` can upload beside an adapterkit file."""
+    return [name for name, f in FORMATS.items() if f.on_hub]
 
 
 def readable() -> list[str]:
