@@ -10,7 +10,9 @@ the model size. The output goes through :func:`adapterkit.io.outputs.output`: wr
 it and renamed into place at the end, never over or into an input, one writer at a time.
 
 ``adapterkit_merge.json`` in the output records which adapters were merged (content sha256, weight, base
-fingerprint), so ``unmerge`` can check what it takes out, and a person can see what a folder holds.
+fingerprint), so ``unmerge`` can check what it takes out, and a person can see what a folder holds. What a kind's
+inverse needs and the merged weights no longer hold (DoRA's row norms) is kept beside it in
+``adapterkit_merge.safetensors``, under each record entry's ``id``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from adapterkit.fingerprint import check_base, fingerprints
 from adapterkit.io.checkpoint import INDEX_FILE, Checkpoint
 from adapterkit.io.outputs import output
 from adapterkit.io.paths import open_regular
+from adapterkit.io import safetensors
 from adapterkit.io.safetensors import StreamedWriter, strict_json
 from adapterkit.merge import MergePlan
 from adapterkit.sources import load_adapter, local_path
@@ -41,6 +44,7 @@ from adapterkit.values import check_weights, number
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "adapterkit_merge.json"
+KEPT_FILE = "adapterkit_merge.safetensors"
 #: weight files of any format: never copied from the base, since they would hold the unmerged weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,12 +71,13 @@ def merge_checkpoint(base_dir, adapters: Sequence, out_dir, weights: Sequence[fl
     if not known:
         values = fingerprints(base_dir)
         record["base_fingerprint"], record["base_fingerprints"] = values["fp2"], values
-    record["merged"] += [
-        {"source": source, "sha256": adapter.content_sha256(), "weight": weight,
-         "base_fingerprint": adapter.manifest.base_model.fingerprint}
-        for (source, _, adapter), weight in zip(loaded, weights)
-    ]
-    return _rewrite(base_dir, loaded, weights, 1.0, out_dir, dtype, overwrite, record)
+    first = 1 + max((int(e["id"][1:]) for e in record["merged"] if str(e.get("id", "")).startswith("m")
+                     and str(e["id"])[1:].isdigit()), default=0)
+    entries = [{"id": f"m{first + i}", "source": source, "sha256": adapter.content_sha256(), "weight": weight,
+                "base_fingerprint": adapter.manifest.base_model.fingerprint}
+               for i, ((source, _, adapter), weight) in enumerate(zip(loaded, weights))]
+    record["merged"] += entries
+    return _rewrite(base_dir, loaded, weights, 1.0, out_dir, dtype, overwrite, record, [e["id"] for e in entries])
 
 
 def unmerge_checkpoint(merged_dir, adapters: Sequence, out_dir, weights: Sequence[float] | None = None,
@@ -82,6 +87,7 @@ def unmerge_checkpoint(merged_dir, adapters: Sequence, out_dir, weights: Sequenc
     loaded = _load(adapters)
     weights = check_weights(weights, len(loaded))
     record = _read_record(merged_dir)
+    ids = []
     for (source, _, adapter), weight in zip(loaded, weights):
         entry = next((e for e in record["merged"]
                       if e["sha256"] == adapter.content_sha256() and abs(e["weight"] - weight) < 1e-12), None)
@@ -90,7 +96,8 @@ def unmerge_checkpoint(merged_dir, adapters: Sequence, out_dir, weights: Sequenc
         elif not force:
             raise RequestError(f"{RECORD_FILE} does not list {source} merged with weight {weight}: "
                                "use --force to subtract it anyway", merged_dir)
-    return _rewrite(merged_dir, loaded, weights, -1.0, out_dir, dtype, overwrite, record)
+        ids.append(None if entry is None else entry.get("id"))
+    return _rewrite(merged_dir, loaded, weights, -1.0, out_dir, dtype, overwrite, record, ids)
 
 
 def _load(adapters: Sequence) -> list[tuple[str, str | None, Adapter]]:
@@ -142,19 +149,53 @@ def _output_dtype(dtype) -> torch.dtype | None:
         raise RequestError(f"unknown dtype {dtype!r} (choose {', '.join(OUTPUT_DTYPES)})") from None
 
 
-def _rewrite(source_dir, loaded, weights, sign, out_dir, dtype, overwrite, record) -> Path:
+def _rewrite(source_dir, loaded, weights, sign, out_dir, dtype, overwrite, record, ids) -> Path:
+    """``ids`` are the record entries of the adapters (new ones when merging, those taken out when unmerging)."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     dtype = _output_dtype(dtype)
     if not source_dir.is_dir():
         raise FileSystemError("the base must be a model folder (config.json and safetensors weights)", source_dir)
     inputs = [source_dir, *(path for _, path, _ in loaded if path is not None)]
+    stored = _read_kept(source_dir)  # {entry id: {key: tensor}}
+    kept = {f"{index}/{key}": tensors for index, entry in enumerate(ids) if entry in stored
+            for key, tensors in stored[entry].items()} if sign < 0 else {}
     with Checkpoint(source_dir) as checkpoint:
-        plan = MergePlan([a for _, _, a in loaded], weights, checkpoint.names(), sign=sign)
+        plan = MergePlan([a for _, _, a in loaded], weights, checkpoint.names(), sign=sign, kept=kept)
         with output(out_dir, inputs=inputs, folder=True, overwrite=overwrite, owned=[RECORD_FILE]) as temporary:
             _write_shards(checkpoint, plan, temporary, dtype, sign)
             _copy_other_files(source_dir, temporary, dtype)
+            remaining = {e.get("id") for e in record["merged"]}
+            carried = {entry: keys for entry, keys in stored.items() if entry in remaining}
+            if sign > 0:  # what this merge's inverse will need, under the new entries' ids
+                for key, tensors in plan.kept.items():
+                    index, _, rest = key.partition("/")
+                    carried.setdefault(ids[int(index)], {})[rest] = tensors
+            _write_kept(temporary / KEPT_FILE, carried)
             (temporary / RECORD_FILE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     return out_dir
+
+
+def _read_kept(folder: Path) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """The kept tensors of a merged folder: ``{entry id: {"<component>.<target>.<parameter>": {name: tensor}}}``."""
+    path = folder / KEPT_FILE
+    if not path.is_file():
+        return {}
+    buffer = safetensors.map_file(path)
+    header = safetensors.read_header(buffer)
+    kept: dict = {}
+    for name in header.entries:
+        entry, _, rest = name.partition("/")
+        key, _, tensor_name = rest.rpartition(".")
+        value = safetensors.tensor(buffer, header, name).copy()
+        kept.setdefault(entry, {}).setdefault(key, {})[tensor_name] = to_torch(value)
+    return kept
+
+
+def _write_kept(path: Path, kept: dict) -> None:
+    tensors = {f"{entry}/{key}.{name}": value.detach().to(torch.float32).contiguous()
+               for entry, keys in kept.items() for key, values in keys.items() for name, value in values.items()}
+    if tensors:
+        safetensors.write_file(path, tensors)
 
 
 def _write_shards(checkpoint: Checkpoint, plan: MergePlan, out: Path, dtype: torch.dtype | None, sign: float) -> None:
@@ -215,6 +256,11 @@ def _copy_other_files(source_dir: Path, out: Path, dtype: torch.dtype | None) ->
             shutil.copyfileobj(source, target)
     config = out / "config.json"
     if dtype is not None and config.is_file():
-        data = json.loads(config.read_text())
+        try:
+            data = json.loads(config.read_bytes())
+        except ValueError:  # not UTF-8 or not JSON
+            data = None
+        if not isinstance(data, dict):
+            raise FormatError("is not a JSON object: cannot record the new dtype in it", source_dir / "config.json")
         data["dtype" if "torch_dtype" not in data else "torch_dtype"] = str(dtype).removeprefix("torch.")
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
 SUFFIX_A, SUFFIX_B = ".lora_a", ".lora_b"
+#: metadata keys, as llama.cpp's src/llama-arch.cpp spells them
+GENERAL_TYPE, GENERAL_ARCHITECTURE = "general.type", "general.architecture"
+ADAPTER_TYPE, LORA_ALPHA, ALORA_TOKENS = "adapter.type", "adapter.lora.alpha", "adapter.alora.invocation_tokens"
 
 
 @dataclass(frozen=True)
@@ -220,9 +223,10 @@ def _lora_component(adapter: Adapter, path) -> Component:
     return adapter.components[0]
 
 
-def write(adapter: Adapter, path, base=None, inputs=()) -> None:
+def write(adapter: Adapter, path, base=None, inputs=(), overwrite: bool = False) -> None:
     """Write ``adapter`` (one LoRA component) as a llama.cpp GGUF LoRA for ``base`` (a Hugging Face model folder, the
-    one llama.cpp's base GGUF was converted from), through the output discipline."""
+    one llama.cpp's base GGUF was converted from), through the output discipline (one file: an existing file is
+    replaced whatever ``overwrite`` says, a folder never)."""
     component = _lora_component(adapter, path)
     if base is None:
         raise RequestError("--base is needed: the GGUF tensor names and the q/k row order come from the base model",
@@ -257,9 +261,9 @@ def write(adapter: Adapter, path, base=None, inputs=()) -> None:
 
     def write_gguf(temporary: str) -> None:
         writer = gguf.GGUFWriter(temporary, model.architecture.name)
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_type("adapter")
+        writer.add_string(ADAPTER_TYPE, "lora")
+        writer.add_float32(LORA_ALPHA, alpha)
         for name, array in out.items():
             writer.add_tensor(name, array)
         writer.write_header_to_file()
@@ -316,20 +320,20 @@ def _array(tensor, gguf) -> np.ndarray:
 
 
 def _read(reader, model: GGUFBase, gguf) -> Adapter:
-    general_type = _field(reader, gguf.Keys.General.TYPE)
+    general_type = _field(reader, GENERAL_TYPE)
     if general_type != "adapter":
         raise FormatError(f"general.type is {general_type!r}, not 'adapter': a model, not a LoRA adapter")
-    adapter_type = _field(reader, gguf.Keys.Adapter.TYPE)
+    adapter_type = _field(reader, ADAPTER_TYPE)
     if adapter_type != "lora":
         raise FormatError(f"adapter.type is {adapter_type!r}: only LoRA adapters ('lora') are read")
-    architecture = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    architecture = _field(reader, GENERAL_ARCHITECTURE)
     if architecture != model.architecture.name:
         raise RequestError(f"the adapter is for llama.cpp's {architecture!r} architecture, the base is "
                            f"{model.architecture.name!r}")
-    if _field(reader, gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS) is not None:
+    if _field(reader, ALORA_TOKENS) is not None:
         raise FormatError("an activated LoRA (aLoRA, adapter.alora.invocation_tokens) acts only after its "
                           "invocation tokens, which adapterkit cannot represent")
-    alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
+    alpha = _field(reader, LORA_ALPHA)
     alpha = 0.0 if alpha is None else float(alpha)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for tensor in reader.tensors:

@@ -23,6 +23,8 @@ class Format:
     #: whether ``push --with-<name>`` uploads the adapter in this format beside ours
     on_hub: bool
     description: str
+    #: for a format that is one file, its name in a Hub repository (None: the format is a folder of files)
+    hub_file: str | None = None
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
@@ -36,6 +38,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("gguf", "gguf", reads=True, writes=True, on_hub=False,
            description="llama.cpp GGUF LoRA (.gguf; needs --base, the Hugging Face model the base GGUF came from)"),
 )}
+
+
+def on_hub() -> list[str]:
+    """The formats ``push --with-<name>`` can upload beside an adapterkit file."""
+    return [name for name, f in FORMATS.items() if f.on_hub]
 
 
 def readable() -> list[str]:

@@ -79,6 +79,10 @@ def bert_classifier(seed: int = 0) -> BertForSequenceClassification:
     return BertForSequenceClassification(bert_config()).eval()
 
 
+#: the three families every kind is checked on
+MODELS = {"llama": llama, "gpt2": gpt2, "bert": bert}
+
+
 def random_lora(model: torch.nn.Module, targets: list[str], rank: int = 4, alpha: float = 8.0, seed: int = 1,
                 name: str = "default", scaling: str = "standard", fan_in_fan_out: bool = False,
                 base_id: str = "tiny") -> Adapter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from adapterkit.cli.options import OVERWRITE
 from adapterkit.converters.registry import FORMATS, converter, detect_format, readable, writable
 from adapterkit.errors import RequestError
 from adapterkit.io.adapter_file import save
@@ -18,14 +19,16 @@ from adapterkit.sources import load_adapter, local_path
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output file or folder.")
 @click.option("--base", type=click.Path(exists=True), default=None,
               help="Base model folder: some formats need it (e.g. to fingerprint a foreign adapter).")
-def convert(source: str, target_format: str | None, output: str, base: str | None) -> None:
+@OVERWRITE
+def convert(source: str, target_format: str | None, output: str, base: str | None, overwrite: bool) -> None:
     source_format = detect_format(source)
     inputs = [source, *([base] if base else [])]
     if source_format == "adapterkit":
         if target_format in (None, "adapterkit"):
             raise RequestError(f"the input is already an adapterkit file: say --to {'|'.join(writable())}", source)
         path = local_path(source)
-        converter(target_format).write(load_adapter(path), output, base=base, inputs=[path, *inputs])
+        converter(target_format).write(load_adapter(path), output, base=base, inputs=[path, *inputs],
+                                       overwrite=overwrite)
     else:
         if target_format not in (None, "adapterkit"):
             raise RequestError(f"converting {source_format} to {target_format}: convert to adapterkit first, then "

@@ -13,7 +13,8 @@ returns factors :class:`LowRank` of the combined update.
 
 By Eckart-Young, keeping the top r singular values is the best rank-r approximation in Frobenius norm, and the error
 is exactly the norm of the discarded ones: ‖ΔW − ΔW_r‖_F = √(Σ_{i>r} σᵢ²). Both factors get √σ ("balanced" split).
-All of it runs in float64 numpy; callers store the factors in float32.
+All of it runs in float64 numpy; callers store the factors in float32 (``concat``, exact, stacks straight into float32,
+each cᵢBᵢ computed in float64 first).
 
 Adding a method: one function ``(terms, request, rng) -> LowRank`` and one :data:`METHODS` entry naming its options.
 """
@@ -53,10 +54,19 @@ def _f64(array: np.ndarray) -> np.ndarray:
     return np.asarray(array, dtype=np.float64)
 
 
-def concatenate(terms: Sequence[Term]) -> tuple[np.ndarray, np.ndarray]:
-    """(A, B) with B·A = Σ cᵢ Bᵢ Aᵢ exactly: the coefficients are folded into B."""
-    a = np.concatenate([_f64(a) for a, _, _ in terms], axis=0)
-    b = np.concatenate([_f64(b) * c for _, b, c in terms], axis=1)
+def concatenate(terms: Sequence[Term], dtype=np.float64, b_order: str = "C") -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with B·A = Σ cᵢ Bᵢ Aᵢ exactly: the coefficients are folded into B. One pass over each input, cast and
+    scaled straight into the stacked arrays of ``dtype``; each cᵢBᵢ is computed in float64 whatever ``dtype``. B is
+    laid out in ``b_order`` (``F`` for LAPACK, which works on columns)."""
+    rank = sum(int(a.shape[0]) for a, _, _ in terms)
+    a = np.empty((rank, terms[0][0].shape[1]), dtype)
+    b = np.empty((terms[0][1].shape[0], rank), dtype, order=b_order)
+    row = 0
+    for a_i, b_i, c in terms:
+        rows = slice(row, row + a_i.shape[0])
+        a[rows] = a_i
+        np.multiply(b_i, c, out=b[:, rows], dtype=np.float64)  # as _f64(b_i) * c, then cast to dtype
+        row = rows.stop
     return a, b
 
 
@@ -68,10 +78,59 @@ def dense_deltas(terms: Sequence[Term]) -> list[np.ndarray]:
 def compress_factors(a: np.ndarray, b: np.ndarray, rank: int | None = None, tol: float | None = None) -> LowRank:
     """Best approximation of B·A of rank ``rank`` (or the smallest rank with relative error ≤ ``tol``), from the
     factors alone."""
-    q_b, r_b = np.linalg.qr(_f64(b))  # [out, m], [m, R]
-    q_a, r_a = np.linalg.qr(_f64(a).T)  # [in, n], [n, R]
-    u, sigma, v_t = np.linalg.svd(r_b @ r_a.T, full_matrices=False)  # the small core, at most R×R
-    return _truncate(q_b @ u, sigma, v_t @ q_a.T, rank, tol)
+    q_b = Householder(_f64(b))  # Q_B [out, m], R_B [m, R]
+    q_a = Householder(_f64(a).T)  # Q_A [in, n], R_A [n, R]
+    u, sigma, v_t = np.linalg.svd(q_b.r @ q_a.r.T, full_matrices=False)  # the small core, at most R×R
+    r = chosen_rank(sigma, rank, tol)
+    root = np.sqrt(sigma[:r])
+    # only the kept r columns of Q_B·U and rows of Vᵀ·Q_Aᵀ are formed
+    return LowRank(a=root[:, None] * q_a.times_transpose(v_t[:r]), b=q_b.times(u[:, :r]) * root,
+                   absolute_error=math.sqrt(float(np.square(sigma[r:]).sum())),
+                   norm=math.sqrt(float(np.square(sigma).sum())))
+
+
+class Householder:
+    """The thin QR factorisation X = Q·R of an [m, n] matrix by Householder reflections (LAPACK's geqrf, the one
+    ``np.linalg.qr`` calls: the same R, bit for bit), with Q kept as its k = min(m, n) reflectors instead of formed.
+
+    Forming Q (``np.linalg.qr``'s orgqr) would cost about as much again as the factorisation (both column by column:
+    LAPACK's unblocked path for fewer than 128 columns, memory-bound on the tall, narrow stacks of LoRA factors), and
+    only r ≤ k of its combinations are needed. So Q is applied in the compact WY form of Schreiber and Van Loan (1989),
+    Q = H₁⋯H_k = I − V·T·Vᵀ, with T upper triangular and T⁻¹ = striu(VᵀV) + diag(1/τ) (Puglisi 1992; Joffrain et al.
+    2006): two matrix products per use.
+    """
+
+    def __init__(self, x: np.ndarray) -> None:
+        h, tau = np.linalg.qr(x, mode="raw")  # h is the transpose of LAPACK's [m, n] output
+        packed = h.T  # [m, n]: R on and above the diagonal, the reflectors below (overwritten with V below)
+        m, n = packed.shape
+        k = min(m, n)
+        self.r = np.triu(packed[:k])  # [k, n], as np.linalg.qr's
+        square = packed[:k, :k]
+        square[...] = np.tril(square, -1) + np.eye(k)  # vᵢ has a unit i-th entry
+        kept = tau != 0  # τᵢ = 0: Hᵢ = I (the column was already reduced), left out of the product
+        self.v = packed[:, :k] if kept.all() else packed[:, :k][:, kept]  # [m, k']
+        self.top = self.v[:k]  # [k, k']: the rows that meet [z; 0]
+        t_inverse = np.triu(self.v.T @ self.v, 1)
+        t_inverse[np.diag_indices_from(t_inverse)] = 1.0 / tau[kept]
+        self.t_inverse = t_inverse
+        self.m, self.k = m, k
+
+    def times(self, z: np.ndarray) -> np.ndarray:
+        """Q·z for z of shape [k, p]: [z; 0] − V·T·(Vᵀ[z; 0]), shape [m, p]."""
+        if not self.v.shape[1]:
+            return np.concatenate([z, np.zeros((self.m - self.k, z.shape[1]))])
+        out = self.v @ -np.linalg.solve(self.t_inverse, self.top.T @ z)
+        out[: self.k] += z
+        return out
+
+    def times_transpose(self, x: np.ndarray) -> np.ndarray:
+        """x·Qᵀ for x of shape [p, k]: [x, 0] − ((x·V_top)·Tᵀ)·Vᵀ, shape [p, m] (C-contiguous)."""
+        if not self.v.shape[1]:
+            return np.concatenate([x, np.zeros((x.shape[0], self.m - self.k))], axis=1)
+        out = -np.linalg.solve(self.t_inverse, self.top.T @ x.T).T @ self.v.T
+        out[:, : self.k] += x
+        return out
 
 
 def compress_dense(delta: np.ndarray, rank: int | None = None, tol: float | None = None) -> LowRank:
@@ -132,11 +191,12 @@ def dare_delta(deltas: Sequence[np.ndarray], density: float, rng: np.random.Gene
 
 
 def _concat(terms, request, rng) -> LowRank:
-    return LowRank(*concatenate(terms))
+    return LowRank(*concatenate(terms, np.float32))  # exact: straight into the stored dtype
 
 
 def _svd(terms, request, rng) -> LowRank:
-    return compress_factors(*concatenate(terms), rank=request.rank, tol=request.tol)
+    # B in columns and A in rows: both stacks are read by LAPACK as they lie (Aᵀ in columns), no transposing copy
+    return compress_factors(*concatenate(terms, b_order="F"), rank=request.rank, tol=request.tol)
 
 
 def _ties(terms, request, rng) -> LowRank:
@@ -153,6 +213,7 @@ class Method:
     help: str
     combine: Callable  #: (terms, request, rng) -> LowRank
     exact: bool = False
+    random: bool = False  #: draws from the rng: its targets must be combined one after the other, in order
     #: the request's options it reads (rank, tol, density, seed); ``required`` must be given
     options: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
@@ -164,7 +225,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ties", "TIES-Merging of the dense deltas (needs --density), then compress", _ties,
            options=("rank", "tol", "density"), required=("density",)),
     Method("dare", "DARE drop-and-rescale of the dense deltas (needs --density), then compress", _dare,
-           options=("rank", "tol", "density", "seed"), required=("density",)),
+           random=True, options=("rank", "tol", "density", "seed"), required=("density",)),
 )}
 
 

@@ -20,7 +20,7 @@ import math
 
 from adapterkit.errors import FormatError, RequestError
 from adapterkit.kinds.base import Kind
-from adapterkit.kinds.lora import ALPHA, RANK, check_factors
+from adapterkit.kinds.lora import ALPHA, RANK, LoRA, check_factors
 
 ROLES = ("lora_A", "lora_B", "magnitude")
 #: why a DoRA component cannot be weighted (also in the messages of attach, merge and the export)
@@ -54,14 +54,8 @@ class DoRA(Kind):
                                   f"entry per output row ([{b.shape[0]}], as lora_B {list(b.shape)}), "
                                   f"got {list(magnitude.shape)}")
 
-    def describe(self, component, tensors) -> dict:
-        return {"ranks": sorted({int(roles["lora_A"].shape[0]) for roles in tensors.values()})}
-
-    def detail(self, entry) -> str:
-        text = f"rank {'/'.join(map(str, entry['ranks']))}, alpha {entry['params'].get('alpha')}"
-        if entry["params"].get("scaling", "standard") != "standard":
-            text += f" ({entry['params']['scaling']})"
-        return text
+    describe = LoRA.describe  # the same ranks and scales on the inspect line
+    detail = LoRA.detail
 
     def compose(self, parts, request, name):
         raise RequestError(f"components of kind {self.name!r} cannot be composed: {NOT_COMPOSABLE}")

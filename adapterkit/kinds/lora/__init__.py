@@ -85,17 +85,28 @@ class LoRA(Kind):
 
     def compose(self, parts, request, name) -> Composed:
         from adapterkit.compose.methods import get_method
+        from adapterkit.compose.parallel import map_ordered
 
         method = get_method(request.method)
         rng = np.random.default_rng(request.seed)  # DARE's drops, drawn target after target
-        held, ranks, layouts, per_target, norms = {}, {}, {}, {}, {}
-        for target, (terms, layout) in lora_terms(parts).items():
+
+        def combine(item):
+            target, (terms, layout) = item
             low = method.combine(terms, request, rng)
+            factors = {"lora_A": low.a.astype(np.float32, copy=False), "lora_B": low.b.astype(np.float32, copy=False)}
+            return target, layout, low, factors
+
+        items = lora_terms(parts).items()
+        # the targets are independent: on the threads of the composition, but for a method drawing random numbers
+        # (the draws must come target after target, as the seed promises)
+        results = [combine(item) for item in items] if method.random else map_ordered(combine, items)
+        held, ranks, layouts, per_target, norms = {}, {}, {}, {}, {}
+        for target, layout, low, factors in results:
             if not method.exact:
                 per_target[target] = {"absolute": low.absolute_error, "relative": low.relative_error,
                                       "rank": low.rank}
                 norms[target] = low.norm
-            held[target] = {"lora_A": low.a.astype(np.float32), "lora_B": low.b.astype(np.float32)}
+            held[target] = factors
             ranks[target], layouts[target] = low.rank, layout
         params, target_params = composite_params(ranks, layouts)
         return Composed(Component(name, self.name, list(held), params, target_params), held,

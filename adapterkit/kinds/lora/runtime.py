@@ -84,6 +84,8 @@ class LoRARuntime(Runtime):
             raise RequestError(f"component {component.name!r}, target {target!r}: the update is "
                                f"{expected[::-1] if transposed else expected}, the base weight {list(tensor.shape)}")
         alpha = self.scale(component, target, roles, weight)
+        if not abs(alpha) <= torch.finfo(tensor.dtype).max:  # beyond the dtype (1e300): scale B, which overflows,
+            b, alpha = b * alpha, 1.0                        # and the merge refuses the non-finite tensor by name
         if transposed:
             tensor.addmm_(a.T, b.T, alpha=alpha)  # ΔWᵀ = s·Aᵀ·Bᵀ
         else:
@@ -105,6 +107,9 @@ class LoRARuntime(Runtime):
         for name in names:
             module = model.get_submodule(name)
             in_features, out_features = features(module)
+            if rank > min(in_features, out_features):  # more is no more expressive, only memory
+                raise RequestError(f"--rank {rank} is more than {name} can use (at most min(in, out) = "
+                                   f"{min(in_features, out_features)})")
             if isinstance(module, torch.nn.Embedding):  # PEFT: A = 0, B ~ N(0, 1) for embeddings
                 tensors[name] = {"lora_A": torch.zeros(rank, in_features),
                                  "lora_B": torch.randn(out_features, rank, generator=generator)}
