@@ -21,7 +21,8 @@ UNET_TARGETS = [  # Linear and Conv2d (3×3 and 1×1) modules of the tiny UNet
     "up_blocks.0.resnets.0.conv_shortcut",
     "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
 ]
-TEXT_TARGETS = ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc1"]
+# transformers 5 names CLIPTextModel's modules without text_model. (checkpoints saved by 4.x have it)
+TEXT_TARGETS = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.out_proj", "encoder.layers.1.mlp.fc1"]
 
 
 def unet(seed: int = 0):
