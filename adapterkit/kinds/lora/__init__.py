@@ -73,7 +73,7 @@ class LoRA(Kind):
         held, ranks, layouts, per_target, norms = {}, {}, {}, {}, {}
         for target, (terms, layout) in lora_terms(parts).items():
             stored = terms[0][0].shape[1:]  # [in] or, on a convolution, [in, kh, kw]
-            low = method.combine([(flat_a(a), flat_b(b), c) for a, b, c in terms], request, rng)
+            low = method.combine([(flat_a(a), flat_b(b), c, w) for a, b, c, w in terms], request, rng)
             if not method.exact:
                 per_target[target] = {"absolute": low.absolute_error, "relative": low.relative_error,
                                       "rank": low.rank}
@@ -123,9 +123,9 @@ def check_factors(component: Component, target: str, a: np.ndarray, b: np.ndarra
         raise FormatError(f"{where}: manifest says rank {rank} but lora_A is {list(a.shape)}")
 
 
-def lora_terms(parts: Sequence[Part]) -> dict[str, tuple[list[tuple[np.ndarray, np.ndarray, float]], bool]]:
-    """Per target (in first-seen order): its ``(A, B, wᵢ·sᵢ)`` terms and its fan_in_fan_out layout; refuses inputs
-    whose layouts or shapes disagree on a target."""
+def lora_terms(parts: Sequence[Part]) -> dict[str, tuple[list[tuple[np.ndarray, np.ndarray, float, float]], bool]]:
+    """Per target (in first-seen order): its ``(A, B, wᵢ·sᵢ, wᵢ)`` terms and its fan_in_fan_out layout; refuses
+    inputs whose layouts or shapes disagree on a target."""
     by_target: dict[str, list] = {}
     for part in parts:
         component = part.component
@@ -147,7 +147,7 @@ def lora_terms(parts: Sequence[Part]) -> dict[str, tuple[list[tuple[np.ndarray, 
                 raise RequestError(f"target {target!r}: shapes disagree, {first.where} updates "
                                    f"{[b0.shape[0], *a0.shape[1:]]} but {part.where} updates "
                                    f"{[b.shape[0], *a.shape[1:]]}")
-        terms[target] = ([(a, b, c) for _, a, b, c, _ in entries], layout)
+        terms[target] = ([(a, b, c, part.weight) for part, a, b, c, _ in entries], layout)
     return terms
 
 
