@@ -132,6 +132,12 @@ def test_format_rules_for_conv_factors(unet, lora):
     flipped.manifest.components[0].target_params[CONV3] = {"fan_in_fan_out": True}
     with pytest.raises(AdapterError, match="cannot have fan_in_fan_out true"):
         flipped.validate()
+    dora = copy.deepcopy(lora)  # DoRA adapts Linear modules only: its factors stay 2-D
+    dora.manifest.components[0].kind = "dora"
+    magnitudes = {f"default.{t}.magnitude": np.ones(lora.component_tensors("default")[t]["lora_B"].shape[0], np.float32)
+                  for t in lora.components[0].targets}
+    with pytest.raises(AdapterError, match="lora_A and lora_B must be 2-D, got"):
+        Adapter(dora.manifest, {**lora.tensors, **magnitudes}).validate()
 
 
 def test_conv_factors_that_do_not_fit_the_module_are_refused(unet, lora):
@@ -168,3 +174,21 @@ def test_attached_conv_lora_exports_to_onnx_and_runs_in_onnxruntime(tmp_path, un
     session = ort.InferenceSession(tmp_path / "block.onnx", providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"x": x.numpy(), "temb": temb.numpy()})
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_folder_with_conv2d_targets_round_trips_and_loads_in_peft(tmp_path, unet, lora):
+    from peft import PeftModel
+
+    from adapterkit.converters import peft as peft_format
+
+    peft_format.write(lora, tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(unet), tmp_path / "peft").eval()
+    inputs = tiny_diffusers.unet_inputs(2)
+    with torch.no_grad():
+        expected = loaded(**inputs).sample
+        with attach(unet, lora):
+            torch.testing.assert_close(unet(**inputs).sample, expected, atol=1e-5, rtol=1e-5)
+    back = peft_format.read(tmp_path / "peft")
+    assert back.component_tensors("lora")[CONV3]["lora_A"].shape == (3, 8, 3, 3)
+    np.testing.assert_array_equal(back.component_tensors("lora")[CONV3]["lora_B"],
+                                  lora.component_tensors("default")[CONV3]["lora_B"])
