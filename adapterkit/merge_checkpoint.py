@@ -175,8 +175,9 @@ def _rewrite(source_dir, loaded, weights, sign, out_dir, dtype, overwrite, recor
         if plan.elsewhere:
             others = ", ".join(f"{count} of {other}" for other, count in sorted(plan.elsewhere.items()))
             if plan.empty:
-                raise RequestError(f"no target of the adapters is in {name} (they are in {', '.join(sorted(plan.elsewhere))}"
-                                   "): merge into that component's folder or the pipeline folder", source_dir)
+                raise RequestError(f"no target of the adapters is in {name} (they are in "
+                                   f"{', '.join(sorted(plan.elsewhere))}): merge into that component's folder or the "
+                                   "pipeline folder", source_dir)
             log.warning("%s is the %s component: the targets of other components are not merged here (%s); merge "
                         "into the pipeline folder to merge them too", source_dir, name, others)
         with output(out_dir, inputs=inputs, folder=True, overwrite=overwrite, owned=[RECORD_FILE]) as temporary:

@@ -113,7 +113,7 @@ def read(path, base=None) -> Adapter:
 
 
 def _configs(metadata) -> dict[str, dict]:
-    """Each component's LoRA config from ``lora_adapter_metadata`` (``{"unet.r": 4, ...}`` -> ``{"unet": {"r": 4}}``)."""
+    """Each component's LoRA config from ``lora_adapter_metadata`` (``{"unet.r": 4}`` -> ``{"unet": {"r": 4}}``)."""
     if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
         return {}
     try:

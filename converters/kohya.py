@@ -5,7 +5,7 @@ One ``.safetensors`` file; per adapted module::
 
     lora_unet_<module path, . written _>.lora_down.weight   A: [r, in], or [r, in, kh, kw] on a Conv2d
     lora_unet_<...>.lora_up.weight                          B: [out, r], or [out, r, 1, 1]
-    lora_unet_<...>.alpha                                   α, a scalar: the scale is α/r (absent: α = r)
+    lora_unet_<...>.alpha                                   α, a scalar: the scale is α/r (absent or 0: α = r)
     lora_unet_<...>.dora_scale                              DoRA's magnitude (LyCORIS), [out, 1] on the output axis
 
 ``lora_unet_`` names the denoiser (``unet``, else ``transformer``), ``lora_te_`` and ``lora_te1_`` the first text
@@ -115,7 +115,8 @@ def _convert(tensors: dict[str, np.ndarray], modules: sd_base.Modules) -> Adapte
         a, b = sd_base.fitted(kohya, roles["lora_A"], roles["lora_B"], shape, ("lora_down", "lora_up"))
         held[target] = {"lora_A": a, "lora_B": b}
         rank = int(a.shape[0])
-        alphas[target] = sd_base.number(roles["alpha"], f"{kohya}.alpha") if "alpha" in roles else rank
+        alpha = sd_base.number(roles["alpha"], f"{kohya}.alpha") if "alpha" in roles else 0
+        alphas[target] = alpha or rank  # sd-scripts' LoRAModule: an absent or zero alpha is the rank
         if "dora_scale" in roles:
             held[target]["magnitude"] = _magnitude(kohya, roles["dora_scale"], shape, a)
     return sd_base.adapter_from(held, alphas, {t: "standard" for t in held})

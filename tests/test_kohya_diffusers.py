@@ -174,14 +174,15 @@ def test_kohya_from_diffusers_writer_reads_with_the_rank_as_alpha(tmp_path, pipe
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_kohya_alpha_absent_means_the_rank_and_dora_scale_maps_to_dora(tmp_path, pipe, models):
+def test_kohya_alpha_absent_or_zero_means_the_rank_and_dora_scale_maps_to_dora(tmp_path, pipe, models):
     linear = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     generator = torch.Generator().manual_seed(6)
     tensors = {f"{linear}.lora_down.weight": torch.randn(2, 8, generator=generator),
                f"{linear}.lora_up.weight": torch.randn(8, 2, generator=generator),
                f"{linear}.dora_scale": torch.rand(8, 1, generator=generator) + 0.5,
                "lora_te_encoder_layers_1_mlp_fc1.lora_down.weight": torch.randn(2, 16, generator=generator),
-               "lora_te_encoder_layers_1_mlp_fc1.lora_up.weight": torch.randn(32, 2, generator=generator)}
+               "lora_te_encoder_layers_1_mlp_fc1.lora_up.weight": torch.randn(32, 2, generator=generator),
+               "lora_te_encoder_layers_1_mlp_fc1.alpha": torch.tensor(0.0)}  # 0 is the rank, as in sd-scripts
     safetensors.write_file(tmp_path / "dora.safetensors", tensors)
     adapter = kohya.read(tmp_path / "dora.safetensors", base=pipe)
     kinds = {c.kind: c for c in adapter.components}
