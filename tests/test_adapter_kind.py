@@ -239,6 +239,7 @@ def _file_with(change) -> Adapter:
     (lambda a: a.manifest.components[0].params.pop("non_linearity"), "'non_linearity' is a required property"),
 ])
 def test_file_rules(change, problem):
+    # the kind's own check, or the manifest schema's (spec 1.1), which checks the params first
     with pytest.raises(FormatError, match=problem):
         _file_with(change).validate()
 

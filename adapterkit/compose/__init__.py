@@ -49,11 +49,14 @@ def compose(
     sources: Sequence[Mapping[str, str]] | None = None,
     name: str = "composed",
     threads: int | None = None,
+    normalise: str | None = None,
 ) -> Adapter:
     """One adapter combining ``adapters`` with ``weights`` (default 1 each) by ``method`` (see the module docstring).
 
     ``rank`` / ``tol`` set the rank of ``svd``, ``ties`` and ``dare`` (default: the largest input rank); ``density``
-    is the kept fraction for ``ties`` and ``dare``, ``seed`` seeds DARE's random drops. ``sources`` gives each input's
+    is the kept fraction for ``ties`` and ``dare``, ``seed`` seeds DARE's random drops, ``normalise`` is what TIES
+    divides the agreeing sum by (``count``, the paper's and the default; ``weights``, mergekit's; ``none``, mergekit's
+    ``dare_ties``: see :mod:`adapterkit.compose.methods`). ``sources`` gives each input's
     ``name`` and ``sha256`` for the manifest (default: ``adapter<i>`` and a hash of its manifest and tensors).
     ``name`` names the output component (``<name>_<kind>`` when the composite holds several kinds). ``threads``: how
     many threads to run on (default: the CPUs available; 1: the calling thread alone).
@@ -62,7 +65,7 @@ def compose(
         raise RequestError("nothing to compose: give at least one adapter")
     weights = check_weights(weights, len(adapters))
     method = get_method(method)
-    request = _request(method, rank, tol, density, seed)
+    request = _request(method, rank, tol, density, seed, normalise)
     if not COMPONENT_NAME.match(f"{name}_bitfit"):
         raise RequestError(f"component name {name!r} must be lower-case letters, digits and _ (at most 57 characters)")
     if sources is not None:
@@ -107,7 +110,7 @@ def compose(
         "tolerance": request.tol,
         "error": error,
     }
-    for option in ("density", "seed"):
+    for option in ("density", "seed", "normalise"):
         if option in method.options:
             composition[option] = getattr(request, option)
     adapter = Adapter(Manifest(components, base_model=base_model, composition=composition), tensors)
@@ -121,13 +124,14 @@ def compose(
     return adapter
 
 
-def _request(method, rank, tol, density, seed) -> CompositionRequest:
+def _request(method, rank, tol, density, seed, normalise=None) -> CompositionRequest:
     """The options of a composition, each checked, for ``method``."""
-    given = {"rank": rank, "tol": tol, "density": density}
+    given = {"rank": rank, "tol": tol, "density": density, "normalise": normalise}
+    flags = {"normalise": "ties-normalise"}
     for option, value in given.items():
         if value is not None and option not in method.options:
             users = [m.name for m in METHODS.values() if option in m.options]
-            raise RequestError(f"--{option} does not apply to {method.name}"
+            raise RequestError(f"--{flags.get(option, option)} does not apply to {method.name}"
                                + (" (it is exact and keeps rank Σ rᵢ)" if method.exact else "")
                                + f": it needs --method {' or '.join(users)}")
     for option in method.required:
@@ -142,6 +146,7 @@ def _request(method, rank, tol, density, seed) -> CompositionRequest:
         density=None if density is None else number(density, "density (the fraction of entries to keep)", 0, 1,
                                                     low_open=True),
         seed=count(seed, "seed", low=0),
+        normalise=_normalisation(normalise),
     )
 
 
@@ -154,6 +159,16 @@ def _component_tensors(adapter: Adapter) -> dict[str, dict[str, dict[str, np.nda
         if component in grouped:
             grouped[component].setdefault(target, {})[role] = tensor
     return grouped
+
+
+def _normalisation(normalise: str | None) -> str:
+    from adapterkit.compose.methods import TIES_NORMALISATIONS
+
+    if normalise is None:
+        return "count"
+    if normalise not in TIES_NORMALISATIONS:
+        raise RequestError(f"unknown TIES normalisation {normalise!r} (known: {', '.join(TIES_NORMALISATIONS)})")
+    return normalise
 
 
 def _shared_base(adapters: Sequence[Adapter], names: Sequence[str]) -> BaseModel:

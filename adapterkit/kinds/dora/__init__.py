@@ -48,7 +48,7 @@ class DoRA(Kind):
         for target in component.targets:
             roles = tensors[target]
             a, b, magnitude = roles["lora_A"], roles["lora_B"], roles["magnitude"]
-            check_factors(component, target, a, b)
+            check_factors(component, target, a, b, conv=False)
             if magnitude.ndim != 1 or magnitude.shape[0] != b.shape[0]:
                 raise FormatError(f"component {component.name!r}, target {target!r}: magnitude must be 1-D with one "
                                   f"entry per output row ([{b.shape[0]}], as lora_B {list(b.shape)}), "
