@@ -86,7 +86,7 @@ def peft_model(base: str, config: TrainConfig, labels: list[str]):
 
     loaded = load_base(base, "classify", labels, config.seed)
     model = loaded.model.requires_grad_(False)
-    components, tensors = new_components(model, "lora", rank=RANK, alpha=ALPHA, head=loaded.head,
+    components, tensors = new_components(model, "lora", options={"rank": RANK, "alpha": ALPHA}, head=loaded.head,
                                          generator=torch.Generator().manual_seed(config.seed))
     peft = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                             target_modules=["query", "value"], modules_to_save=loaded.head))
@@ -122,8 +122,8 @@ def interleaved_throughput(base: str, config: TrainConfig) -> tuple[float, float
     one process (the best block of each counts), so that other load on a shared machine hits both alike."""
     examples = load_examples(config.data, label_field="label")
     loaded = load_base(base, "classify", examples.labels, config.seed)
-    components, tensors = new_components(loaded.model.requires_grad_(False), "lora", rank=RANK, alpha=ALPHA,
-                                         head=loaded.head, generator=torch.Generator().manual_seed(config.seed))
+    components, tensors = new_components(loaded.model.requires_grad_(False), "lora",
+                                         options={"rank": RANK, "alpha": ALPHA}, head=loaded.head, generator=torch.Generator().manual_seed(config.seed))
     handle = attach(loaded.model.train(), Adapter(Manifest(components=components), tensors), trainable=True)
     ours = (loaded.model, torch.optim.AdamW(list(handle.parameters()), lr=config.lr, weight_decay=0.0))
     peft, _, peft_optimizer = peft_model(base, config, examples.labels)
@@ -172,8 +172,8 @@ def main() -> None:
     print(f"untrained (fresh head)  accuracy {base_accuracy:.3f}")
 
     results = {"untrained": {"accuracy": base_accuracy}}
-    config = TrainConfig("lora", "classify", train_path, held_out_path, rank=RANK, alpha=ALPHA, epochs=args.epochs,
-                         batch_size=BATCH)
+    config = TrainConfig("lora", "classify", train_path, held_out_path, options={"rank": RANK, "alpha": ALPHA},
+                         epochs=args.epochs, batch_size=BATCH)
     rows = compare(base, config, METHODS, os.path.join(args.out, "compare"), overwrite=True, settings=SETTINGS,
                    progress=lambda method: print(f"training {method} ...", flush=True))
     print(table(rows))

@@ -151,12 +151,7 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
     if not weights.is_file():
         raise FormatError(f"only {PICKLED_WEIGHTS_FILE} is present: it is a pickle, which adapterkit never loads "
                           "(re-save the adapter with model.save_adapter(..., use_safetensors=True))")
-    try:
-        buffer = safetensors.map_file(weights)
-        header = safetensors.read_header(buffer)
-        return {name: safetensors.tensor(buffer, header, name) for name in header.entries}
-    except AdapterError as exc:
-        raise exc.at(weights) from None
+    return safetensors.read_tensors(weights)[1]
 
 
 def _convert(config: dict, options: dict, tensors: dict[str, np.ndarray], base) -> Adapter:

@@ -98,10 +98,8 @@ def read(path, base=None) -> Adapter:
             raise FormatError(f"only {PICKLED_WEIGHTS_FILE} is present: it is a pickle, which adapterkit never loads "
                               "(save with safe_serialization=True)", path)
         raise FormatError(f"no {WEIGHTS_FILE}", path)
+    header, tensors = safetensors.read_tensors(weights)
     try:
-        buffer = safetensors.map_file(weights)
-        header = safetensors.read_header(buffer)
-        tensors = {name: safetensors.tensor(buffer, header, name) for name in header.entries}
         configs = _configs(header.metadata)
         modules = sd_base.base_modules(base) if base is not None else None
         adapter = _convert(tensors, configs, modules)

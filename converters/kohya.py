@@ -81,10 +81,8 @@ def read(path, base=None) -> Adapter:
     if base is None:
         raise RequestError("kohya names modules with _ for ., which only the base's module list resolves: give "
                            "--base (a diffusers pipeline folder, or a unet/ or text encoder model folder)", path)
+    _, tensors = safetensors.read_tensors(path)
     try:
-        buffer = safetensors.map_file(path)
-        header = safetensors.read_header(buffer)
-        tensors = {name: safetensors.tensor(buffer, header, name) for name in header.entries}
         modules = sd_base.base_modules(base)
         adapter = _convert(tensors, modules)
         sd_base.record(adapter, base)

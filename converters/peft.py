@@ -123,12 +123,7 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
             raise FormatError(f"only {PICKLED_WEIGHTS_FILE} is present: it is a pickle, which adapterkit never loads "
                               "(re-save the adapter with safe_serialization=True)", folder)
         raise FormatError(f"no {WEIGHTS_FILE}", folder)
-    try:
-        buffer = safetensors.map_file(weights)
-        header = safetensors.read_header(buffer)
-        tensors = {name: safetensors.tensor(buffer, header, name) for name in header.entries}
-    except AdapterError as exc:
-        raise exc.at(weights) from None
+    _, tensors = safetensors.read_tensors(weights)
     strange = [k for k in tensors if not k.startswith(KEY_PREFIX) and k not in UNPREFIXED]
     if strange:
         raise FormatError(f"tensor {strange[0]!r} does not start with {KEY_PREFIX!r}", weights)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapterkit.arrays import DTYPES, as_array, dtype_name
-from adapterkit.errors import FormatError
+from adapterkit.errors import AdapterError, FormatError
 from adapterkit.io.paths import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -95,6 +95,17 @@ def tensor(buffer, header: Header, name: str) -> np.ndarray:
     dtype = DTYPES[entry.dtype]
     count = (entry.end - entry.begin) // dtype.itemsize
     return np.frombuffer(buffer, dtype=dtype, count=count, offset=header.data_start + entry.begin).reshape(entry.shape)
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[Header, dict[str, np.ndarray]]:
+    """The header of the safetensors file at ``path`` and all its tensors, as views of its memory map (errors name
+    the file)."""
+    try:
+        buffer = map_file(path)
+        header = read_header(buffer)
+        return header, {name: tensor(buffer, header, name) for name in header.entries}
+    except AdapterError as exc:
+        raise exc.at(path) from None
 
 
 def strict_json(text: str | bytes, what: str):
