@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import click
 
@@ -27,6 +28,11 @@ def serve(base, adapters, host, port, name, max_batch, max_waiting, force) -> No
     adapters are generated in one batch."""
     if os.path.isfile(os.path.join(base, "model.onnx")):
         raise RequestError("serving an ONNX folder is not supported yet: serve the Hugging Face base folder", base)
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise RequestError("adapterkit serve needs starlette and uvicorn: pip install 'adapterkit[serve]'") from None
     from adapterkit.onnx.export import adapter_names
     from adapterkit.serve.app import Server, http_server
     from adapterkit.serve.engine import Engine
@@ -38,12 +44,17 @@ def serve(base, adapters, host, port, name, max_batch, max_waiting, force) -> No
     names = [given or stem for (given, _, _), stem in zip(named, adapter_names(refs))]
     if len(set(names)) != len(names):
         raise click.BadParameter("two adapters have one name: name them NAME=FILE", param_hint="ADAPTERS")
+    try:  # listen first: a port in use is refused before the model loads
+        listening = socket.create_server((host, port))
+    except OSError as exc:
+        raise RequestError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     loaded = load_base(base, "causal-lm")
     engine = Engine(loaded.model, {n: load_adapter(ref) for n, ref in zip(names, refs)}, max_batch=max_batch,
                     max_waiting=max_waiting, force=force)
     model_name = name or os.path.basename(os.path.normpath(base))
     server = Server(engine, model_name, loaded.tokenizer, load_adapter)
+    port = listening.getsockname()[1]  # the one the system chose for --port 0
     click.echo(f"serving {model_name} with {len(names)} adapter{'' if len(names) == 1 else 's'}"
                f"{': ' + ', '.join(names) if names else ''} on http://{host}:{port} (Ctrl-C stops)")
-    http_server(server, host, port).run()
+    http_server(server, host, port).run(sockets=[listening])
     click.echo("stopped")
