@@ -14,6 +14,7 @@ back.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -80,6 +81,8 @@ class AdapterWrapper(torch.nn.Module):
         self.base = base
         self.adapters = torch.nn.ModuleDict()  # the sources that are modules (parameters), by entry key
         self.entries: list[Entry] = []
+        #: what a kind keeps between forwards on this module (LoRA: its adapters' factors stacked, for mixed batches)
+        self.memo: dict = {}
 
     def add(self, key: str, runtime, source, scale: float) -> None:
         from adapterkit.kinds import order
@@ -95,8 +98,9 @@ class AdapterWrapper(torch.nn.Module):
         for entry, held, selected in zip(self.entries, tensors, rows):
             x = entry.runtime.before_rows(self.base, x, held, entry.scale, selected)
         y = self.base(x, *args, **kwargs)
-        for entry, held, selected in zip(self.entries, tensors, rows):
-            y = entry.runtime.after_rows(self.base, x, y, held, entry.scale, selected)
+        for runtime, group in itertools.groupby(zip(self.entries, tensors, rows), key=lambda t: t[0].runtime):
+            y = runtime.after_each(self.base, x, y, [(held, entry.scale, selected) for entry, held, selected in group],
+                                   self.memo)
         return y
 
     def __getattr__(self, name: str):

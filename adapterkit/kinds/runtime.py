@@ -61,6 +61,14 @@ class Runtime:
         """:meth:`after` on the rows ``rows`` of the batch (all when None), as :meth:`before_rows`."""
         return on_rows(y, rows, lambda r: self.after(base, take(x, r), take(y, r), tensors, scale))
 
+    def after_each(self, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   parts: Sequence[tuple[Roles, float, torch.Tensor | None]], memo: dict) -> torch.Tensor:
+        """Several entries of this runtime on one module, in order, each ``(tensors, scale, rows)`` on its rows.
+        ``memo`` is the module's to keep what may be reused between calls. Default: :meth:`after_rows` of each."""
+        for tensors, scale, rows in parts:
+            y = self.after_rows(base, x, y, tensors, scale, rows)
+        return y
+
     def scale(self, component: Component, target: str, roles: Mapping[str, np.ndarray], weight: float) -> float:
         """The factor attach applies to a target's tensors in :meth:`after`: the component's weight (times the kind's
         own scale, such as LoRA's α/r). ``weight`` is the adapter's weight times the component's."""
