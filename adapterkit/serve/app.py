@@ -107,6 +107,8 @@ class Server:
             await asyncio.wrap_future(self.engine.add(name, adapter))
         except AdapterError as exc:  # not an adapter file, another base, does not fit, name taken
             raise Refused(400, str(exc)) from None
+        except OSError as exc:
+            raise Refused(400, f"{path}: {exc.strerror or exc}") from None
         log.info("adapter %s loaded from %s", name, path)
         return JSONResponse({"loaded": name})
 
@@ -133,7 +135,7 @@ class Server:
             top_p=float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
             seed=_field(body, "seed", int, None, lambda v: 0 <= v < 2 ** 63, "a whole number ≥ 0"))
         stream = _field(body, "stream", bool, False)
-        if _field(body, "n", int, 1) != 1 or body.get("stop") or body.get("best_of", 1) != 1:
+        if _field(body, "n", int, 1) != 1 or body.get("stop") or body.get("best_of") not in (None, 1):
             raise Refused(400, "n, best_of and stop are not supported: one completion per request, up to max_tokens")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
