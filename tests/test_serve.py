@@ -187,3 +187,17 @@ def test_a_full_queue_answers_503_and_shutdown_lets_the_request_under_way_finish
         tokens = streamed_tokens(answer)[0] if i == 1 else answer["choices"][0]["token_ids"]
         ids = base.tokenizer(PROMPTS[i])["input_ids"]
         assert status == 200 and tokens == expected_tokens(reference, adapters["lora-r4"], ids, 40)
+
+
+def test_the_command_refuses_in_one_line_what_it_cannot_serve(tmp_path, tiny_llama_dir):
+    from cli_runner import call_cli
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    result = call_cli("serve", tmp_path)
+    assert result.returncode == 1 and "ONNX folder is not supported" in result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = call_cli("serve", tiny_llama_dir, "--port", taken.getsockname()[1])
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot listen on 127.0.0.1:")
+    assert result.stderr.count("\n") == 1
