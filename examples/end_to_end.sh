@@ -103,16 +103,17 @@ trap 'kill $HUB_PID $SERVE_PID 2>/dev/null' EXIT
 until grep -q "^serving" "$OUT/serve.log" 2>/dev/null; do sleep 0.2; done
 URL=$(sed -n 's/.* on \(http[^ ]*\) .*/\1/p' "$OUT/serve.log")
 until curl -sf "$URL/health" > /dev/null; do sleep 0.2; done
-complete() { curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "$1"; echo; }
-post() { curl -s "$URL/v1/$1" -H 'Content-Type: application/json' -d "$2"; echo; }
+complete() { curl -s -w '\n' "$URL/v1/completions" -H 'Content-Type: application/json' -d "$1"; }
+post() { curl -s -w '\n' "$URL/v1/$1" -H 'Content-Type: application/json' -d "$2"; }
 together() {  # one request per adapter, all at once
+  local clients=()
   for m in formal casual prefix; do
     complete "{\"model\": \"$m\", \"prompt\": \"dear customer ,\", \"max_tokens\": 8, \"temperature\": 0}" &
+    clients+=($!)
   done
-  wait
+  wait "${clients[@]}"
 }
-step "10a. Serve the base and three adapters: which models are there?" curl -s "$URL/v1/models"
-echo
+step "10a. Serve the base and three adapters: which models are there?" curl -s -w '\n' "$URL/v1/models"
 step "10b. Three requests on three adapters at once, generated in one batch" together
 step "10c. Streamed (server-sent events)" \
   complete '{"model": "casual", "prompt": "hey !", "max_tokens": 3, "temperature": 0, "stream": true}'
@@ -122,8 +123,8 @@ step "" complete '{"model": "mix", "prompt": "dear customer ,", "max_tokens": 8,
 step "" post unload_lora_adapter '{"lora_name": "casual"}'
 step "10e. A bad request gets a 4xx and one line; the server goes on" \
   complete '{"model": "casual", "prompt": "hey !"}'
-step "" curl -s "$URL/health"
-echo
-kill -TERM $SERVE_PID && wait $SERVE_PID
+step "" curl -s -w '\n' "$URL/health"
+kill -TERM $SERVE_PID
+wait $SERVE_PID || [ $? -eq 143 ]  # stopped by SIGTERM after the requests under way: 143, as every command
 
 printf '\n\033[1mDone.\033[0m Everything is in %s/\n' "$OUT"
