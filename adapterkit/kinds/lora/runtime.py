@@ -73,7 +73,8 @@ class LoRARuntime(Runtime):
         """A [n+1, r_max, in] and s·B [n+1, out, r_max], zero-padded, the last slot zeros; kept in ``memo`` while
         the tensors are unchanged (their versions) and no gradient is wanted."""
         tensors = [(held["lora_A"], held["lora_B"]) for held, _, _ in parts]
-        key = tuple((id(t), t._version) for pair in tensors for t in pair) + tuple(s for _, s, _ in parts)
+        key = (tuple((id(t), t._version, t.device, t.dtype) for pair in tensors for t in pair)  # moved: restack
+               + tuple(s for _, s, _ in parts))
         reuse = not torch.is_grad_enabled() or not any(t.requires_grad for pair in tensors for t in pair)
         if reuse and memo.get("lora_key") == key:
             return memo["lora_stacked"]
