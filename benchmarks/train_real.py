@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more oversubscribes a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # compare's workers too: more oversubscribe a shared machine
     os.makedirs(args.out, exist_ok=True)
     base, data = assets()
     train_path, held_out_path = write_split(data, args.out)

@@ -2,7 +2,8 @@
 # The whole adapterkit job on the built-in tiny example, offline, as a user types it:
 #   example data → train (LoRA ×2, prefix, BitFit, DoRA, (IA)³, a bottleneck adapter, a classifier)
 #   → inspect/validate → compose → merge/unmerge
-#   → ONNX export → ONNX Runtime → push/pull through a Hub stand-in on loopback → PEFT conversion.
+#   → ONNX export → ONNX Runtime → push/pull through a Hub stand-in on loopback → PEFT conversion
+#   → adapterkit serve (OpenAI API, mixed adapters in one batch, an adapter added from the Hub while serving).
 # Usage: bash examples/end_to_end.sh [OUTPUT_DIR]      (make demo runs it into demo-output/)
 set -euo pipefail
 OUT=${1:-demo-output}
@@ -94,5 +95,36 @@ step "" adapterkit inspect hf://demo/support-mix
 step "9. Convert to PEFT's format and back" \
   adapterkit convert "$OUT/formal.safetensors" --to peft -o "$OUT/formal-peft"
 step "" adapterkit convert "$OUT/formal-peft" --base "$BASE" -o "$OUT/formal-back.safetensors"
+
+# adapterkit serve: the base and three adapters behind an OpenAI-compatible API, on loopback
+adapterkit serve "$BASE" formal="$OUT/formal.safetensors" casual="$OUT/casual.safetensors" \
+  prefix="$OUT/prefix.safetensors" --port 0 > "$OUT/serve.log" & SERVE_PID=$!
+trap 'kill $HUB_PID $SERVE_PID 2>/dev/null' EXIT
+until grep -q "^serving" "$OUT/serve.log" 2>/dev/null; do sleep 0.2; done
+URL=$(sed -n 's/.* on \(http[^ ]*\) .*/\1/p' "$OUT/serve.log")
+until curl -sf "$URL/health" > /dev/null; do sleep 0.2; done
+complete() { curl -s -w '\n' "$URL/v1/completions" -H 'Content-Type: application/json' -d "$1"; }
+post() { curl -s -w '\n' "$URL/v1/$1" -H 'Content-Type: application/json' -d "$2"; }
+together() {  # one request per adapter, all at once
+  local clients=()
+  for m in formal casual prefix; do
+    complete "{\"model\": \"$m\", \"prompt\": \"dear customer ,\", \"max_tokens\": 8, \"temperature\": 0}" &
+    clients+=($!)
+  done
+  wait "${clients[@]}"
+}
+step "10a. Serve the base and three adapters: which models are there?" curl -s -w '\n' "$URL/v1/models"
+step "10b. Three requests on three adapters at once, generated in one batch" together
+step "10c. Streamed (server-sent events)" \
+  complete '{"model": "casual", "prompt": "hey !", "max_tokens": 3, "temperature": 0, "stream": true}'
+step "10d. Add an adapter from the Hub while serving, use it, remove another" \
+  post load_lora_adapter '{"lora_name": "mix", "lora_path": "hf://demo/support-mix"}'
+step "" complete '{"model": "mix", "prompt": "dear customer ,", "max_tokens": 8, "temperature": 0}'
+step "" post unload_lora_adapter '{"lora_name": "casual"}'
+step "10e. A bad request gets a 4xx and one line; the server goes on" \
+  complete '{"model": "casual", "prompt": "hey !"}'
+step "" curl -s -w '\n' "$URL/health"
+kill -TERM $SERVE_PID
+wait $SERVE_PID || [ $? -eq 143 ]  # stopped by SIGTERM after the requests under way: 143, as every command
 
 printf '\n\033[1mDone.\033[0m Everything is in %s/\n' "$OUT"

@@ -5,6 +5,10 @@
         logits = model(input_ids).logits          # base + 0.7·support + 0.3·legal
     # the model is bit for bit the base again
 
+    with attach(model, [support, legal], per_row=True) as handle:   # a mixed batch: each row its own adapter
+        with handle.rows([0, 1, None]):           # row 0 support, row 1 legal, row 2 the base
+            logits = model(input_ids).logits      # each row as it is alone with its adapter attached
+
 Nothing is folded into the base weights: each component's kind installs its forward function where it acts (around
 a module, inside attention, in place of a parameter; see :mod:`adapterkit.kinds.runtime`), reading the adapter's
 tensors as parameters of their own. This module checks the base, resolves target names, and keeps the list of changes
@@ -14,6 +18,7 @@ same handle (:meth:`AttachedAdapters.install`), so attach and export run one mec
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Callable, Iterator, Mapping, Sequence
@@ -23,6 +28,7 @@ import torch
 
 from adapterkit.adapter import Adapter
 from adapterkit.arrays import to_torch
+from adapterkit.attach.rows import RowSelection
 from adapterkit.attach.wrapper import ADAPTER_PARAMETER, AdapterTensors, AdapterWrapper
 from adapterkit.errors import RequestError
 from adapterkit.fingerprint import check_base
@@ -43,10 +49,13 @@ class AttachedAdapters:
     or read it back with :meth:`to_adapters`). Use it as a context manager to detach on exit.
     """
 
-    def __init__(self, model: torch.nn.Module, adapters: Sequence[Adapter] = (), trainable: bool = False):
+    def __init__(self, model: torch.nn.Module, adapters: Sequence[Adapter] = (), trainable: bool = False,
+                 per_row: bool = False):
         self.model = model
         self.adapters = list(adapters)
         self.trainable = trainable
+        #: per-row attach: which adapter each row of a batch uses (None: every adapter acts on every row)
+        self.selection = RowSelection(len(self.adapters)) if per_row else None
         self.tensors: dict[str, torch.nn.Parameter] = {}
         self._modules = {name for name, _ in model.named_modules()}
         self._undo: list[Callable[[], None]] = []
@@ -94,6 +103,19 @@ class AttachedAdapters:
             self._undo.pop()()
         self.attached = False
 
+    @contextlib.contextmanager
+    def rows(self, index: Sequence[int | None] | torch.Tensor) -> Iterator[None]:
+        """Per-row attach: inside, row i of a batch uses adapter ``index[i]`` (its place in the attach), None or -1
+        the base."""
+        if self.selection is None:
+            raise RequestError("these adapters act on every row: attach them with per_row=True to give rows their own")
+        device = next((p.device for p in self.model.parameters()), None)
+        self.selection.set(index, device)
+        try:
+            yield
+        finally:
+            self.selection.set(None)
+
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The adapters' parameters (``requires_grad`` when attached with ``trainable=True``)."""
         return iter(self.tensors.values())
@@ -121,13 +143,16 @@ class AttachedAdapters:
 
 
 def attach(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter], weights: Sequence[float] | None = None, *,
-           force: bool = False, trainable: bool = False) -> AttachedAdapters:
+           force: bool = False, trainable: bool = False, per_row: bool = False) -> AttachedAdapters:
     """Attach ``adapters`` to ``model`` in place; each adapter's effect is multiplied by its weight (and by each
     component's own weight). Refuses an adapter made for another base (fingerprint) unless ``force``. The model's
-    own parameters are left as they are (freeze them yourself to train only the adapters)."""
+    own parameters are left as they are (freeze them yourself to train only the adapters).
+
+    ``per_row``: the adapters are not added up; each row of a batch uses the one :meth:`AttachedAdapters.rows` names
+    (or none)."""
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     weights = check_weights(weights, len(adapters))
-    handle = AttachedAdapters(model, adapters, trainable)
+    handle = AttachedAdapters(model, adapters, trainable, per_row)
     for index, adapter in enumerate(adapters):
         replaced = [handle.resolve(c.name, t) for c in adapter.components for t in get_kind(c.kind).replaced_targets(c)]
         check_base(adapter, model, f"adapter {index} ({adapter.manifest.base_model.id or 'no base id'})", force,
@@ -165,7 +190,8 @@ def _attach_component(handle: AttachedAdapters, index: int, component: Component
         parameters = {role: _parameter(array, like, handle.trainable) for role, array in roles.items()}
         for role, parameter in parameters.items():
             handle.tensors[f"{index}/{component.name}.{target}.{role}"] = parameter
-        handle.install(runtime, path, f"{index}_{component.name}", AdapterTensors(parameters), scale, component, target)
+        source = AdapterTensors(parameters, handle.selection, index)
+        handle.install(runtime, path, f"{index}_{component.name}", source, scale, component, target)
 
 
 def _like(module: torch.nn.Module) -> torch.Tensor | None:

@@ -39,6 +39,7 @@ COMMANDS = {
     "merge": ("merge:merge", "Fold adapters into a base checkpoint, streamed shard by shard."),
     "unmerge": ("merge:unmerge", "Subtract merged adapters from a checkpoint again."),
     "export": ("export:export", "Export a base model with adapters to ONNX, merged or swappable."),
+    "serve": ("serve:serve", "Serve a base model and its adapters over an OpenAI-compatible HTTP API."),
     "push": ("hub:push", "Upload an adapter with a model card to the Hugging Face Hub."),
     "pull": ("hub:pull", "Download an adapter from the Hub and verify it."),
     "example": ("example:example", "Write the tiny built-in example: base models and data."),

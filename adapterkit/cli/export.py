@@ -22,11 +22,14 @@ from adapterkit.sources import local_path
 @WEIGHTS
 @click.option("--opset", type=click.IntRange(min=7, max=onnx_opset_version()), default=None,
               help="ONNX opset [default: the exporter's].")
+@click.option("--cache", is_flag=True,
+              help="Causal LMs: one generation step with the key/value cache in and out (past_key_values.<i>.key/value "
+                   "in, present.<i>.key/value out).")
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch on sample inputs; exit 1 above --atol.")
 @click.option("--atol", type=Number(0, low_open=True), default=1e-4, help="Largest absolute difference --verify accepts.")
 @FORCE
 @OVERWRITE
-def export(base, adapters, mode, output, weights, opset, verify, atol, force, overwrite) -> None:
+def export(base, adapters, mode, output, weights, opset, cache, verify, atol, force, overwrite) -> None:
     """Export BASE with ADAPTERS (files or hf:// refs) to ONNX in OUTPUT: model.onnx, adapterkit.json and, with
     --unmerged, adapters/<name>.onnx_adapter for ONNX Runtime's adapter API."""
     if mode is None:
@@ -43,8 +46,9 @@ def export(base, adapters, mode, output, weights, opset, verify, atol, force, ov
     paths = [local_path(ref) for ref in adapters]
     exported = export_onnx(base, [load(path) for path in paths], output, merged=mode == "merged",
                            names=adapter_names(adapters), weights=weights, opset=opset, force=force,
-                           overwrite=overwrite, inputs=paths)
-    click.echo(f"wrote {exported.folder} ({mode}, {len(adapters)} adapter{'' if len(adapters) == 1 else 's'})")
+                           overwrite=overwrite, inputs=paths, cache=cache)
+    click.echo(f"wrote {exported.folder} ({mode}{', with a key/value cache' if cache else ''}, {len(adapters)} "
+               f"adapter{'' if len(adapters) == 1 else 's'})")
     if verify:
         from adapterkit.onnx.verify import verify as run_checks
 

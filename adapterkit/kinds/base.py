@@ -134,6 +134,12 @@ class Kind(abc.ABC):
         """Base modules whose tensors the component brings whole (not part of the base it belongs to)."""
         return list(component.targets) if self.replaces else []
 
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def positions(self, component: Component) -> int:
+        """How many of the model's positions the component takes before the tokens (prefix tuning's p)."""
+        return 0
+
     # -- the other halves, loaded on first use ------------------------------------------------------------------------
 
     @property

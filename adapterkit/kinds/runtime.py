@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from adapterkit.arrays import to_torch
+from adapterkit.attach.rows import on_rows, take
 from adapterkit.errors import RequestError
 from adapterkit.manifest import Component
 
@@ -45,6 +46,27 @@ class Runtime:
     def after(self, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tensors: Roles,
               scale: float) -> torch.Tensor:
         """The module's output as this entry changes it; ``x`` is the input the module saw."""
+        return y
+
+    # -- the per-row form (mixed batches): the forward on some rows of the batch, the others left as they are ----------
+
+    def before_rows(self, base: torch.nn.Module, x: torch.Tensor, tensors: Roles, scale: float,
+                    rows: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`before` on the rows ``rows`` of the batch (all when None). Default: those rows gathered, changed
+        as a batch of their own, and put back."""
+        return on_rows(x, rows, lambda r: self.before(base, take(x, r), tensors, scale))
+
+    def after_rows(self, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tensors: Roles, scale: float,
+                   rows: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`after` on the rows ``rows`` of the batch (all when None), as :meth:`before_rows`."""
+        return on_rows(y, rows, lambda r: self.after(base, take(x, r), take(y, r), tensors, scale))
+
+    def after_each(self, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   parts: Sequence[tuple[Roles, float, torch.Tensor | None]], memo: dict) -> torch.Tensor:
+        """Several entries of this runtime on one module, in order, each ``(tensors, scale, rows)`` on its rows.
+        ``memo`` is the module's to keep what may be reused between calls. Default: :meth:`after_rows` of each."""
+        for tensors, scale, rows in parts:
+            y = self.after_rows(base, x, y, tensors, scale, rows)
         return y
 
     def scale(self, component: Component, target: str, roles: Mapping[str, np.ndarray], weight: float) -> float:

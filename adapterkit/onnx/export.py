@@ -3,6 +3,8 @@
 
 The output folder holds ``model.onnx``, ``adapters/<name>.onnx_adapter`` (unmerged) and ``adapterkit.json``, which
 says what the graph takes and returns and which adapters exist. :class:`adapterkit.onnx.runner.Runner` reads it.
+With ``cache=True`` (causal LMs) the graph is one generation step with its key/value cache in and out
+(:class:`~adapterkit.onnx.exportable.CachedExportableModel`), and ``adapterkit.json`` describes the cache.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from adapterkit.io import outputs
 from adapterkit.kinds import get_kind
 from adapterkit.merge import merge_into_model
 from adapterkit.onnx.adapter_files import write_onnx_adapter
-from adapterkit.onnx.exportable import ExportableModel, output_name, slot_defaults
+from adapterkit.onnx.exportable import CachedExportableModel, ExportableModel, output_name, slot_defaults
 from adapterkit.onnx.graph import add_defaults, io_description
 from adapterkit.onnx.slots import adapter_feeds, split_slot
 from adapterkit.values import check_weights
@@ -39,7 +41,7 @@ DESCRIPTION = "adapterkit.json"
 MODEL_FILE = "model.onnx"
 TEXT_INPUTS = ("input_ids", "attention_mask")
 #: example sizes for the dynamic dims while tracing (≥ 2, and distinct, so the exporter keeps them symbolic)
-EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_SLOT = 2, 7, 3
+EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_SLOT, EXAMPLE_PAST = 2, 7, 3, 5
 
 
 @dataclasses.dataclass
@@ -88,9 +90,10 @@ def adapter_names(refs: Sequence[str]) -> list[str]:
 
 def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, merged: bool,
                 names: Sequence[str] | None = None, weights: Sequence[float] | None = None, opset: int | None = None,
-                force: bool = False, overwrite: bool = False, inputs: Sequence = ()) -> Exported:
+                force: bool = False, overwrite: bool = False, inputs: Sequence = (), cache: bool = False) -> Exported:
     """Export ``base`` (a Hugging Face folder) with ``adapters`` to the folder ``output``; see the module docstring.
-    ``inputs`` names the adapters' files (the output may not overlap them, nor the base)."""
+    ``inputs`` names the adapters' files (the output may not overlap them, nor the base); ``cache``: a generation
+    step with the key/value cache in and out (causal LMs)."""
     names = list(names or [f"adapter_{i}" for i in range(len(adapters))])
     weights = check_weights(weights, len(adapters))
     if len(names) != len(adapters):
@@ -98,17 +101,21 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
     with outputs.output(output, inputs=[base, *inputs], folder=True, overwrite=overwrite,
                         owned=[DESCRIPTION]) as staging:
         model = load_base(base)
+        if cache and not model.can_generate():
+            raise RequestError(f"{type(model).__name__} does not generate text: a key/value cache graph is for causal "
+                               "LMs", base)
+        exportable = CachedExportableModel if cache else ExportableModel
         for name, adapter in zip(names, adapters):
             check_base(adapter, model, f"adapter {name!r}", force)
         feeds: dict[str, dict[str, torch.Tensor]] = {}
         if merged:
             merge_into_model(model, adapters, weights, force=True)  # the base was checked above
-            torch_model = ExportableModel(model, {})
+            torch_model = exportable(model, {})
         else:
             feeds = {name: adapter_feeds(adapter, weight, model)
                      for name, adapter, weight in zip(names, adapters, weights)}
             examples = {slot: tensor for adapter_feed in feeds.values() for slot, tensor in adapter_feed.items()}
-            torch_model = ExportableModel(model, slot_defaults(model, examples))
+            torch_model = exportable(model, slot_defaults(model, examples))
         with tqdm(total=2 + len(adapters), desc="export", unit="step", disable=None) as progress:
             progress.set_postfix_str("tracing")
             onnx_model = _trace(torch_model, model, opset)
@@ -131,15 +138,34 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
             "mode": "merged" if merged else "unmerged",
             "model": MODEL_FILE,
             "base": os.path.abspath(base),
-            "inputs": io_description(onnx_model, TEXT_INPUTS),
+            "inputs": io_description(onnx_model, _input_names(torch_model)),
             "adapter_inputs": io_description(onnx_model, torch_model.slot_names),
-            "outputs": io_description(onnx_model, [output_name(model)]),
+            "outputs": io_description(onnx_model, _output_names(torch_model, model)),
             "adapters": described,
             "weights": weights,
         }
+        if cache:
+            description["cache"] = {"layers": torch_model.layers, "kv_heads": torch_model.kv_heads,
+                                    "head_dim": torch_model.head_dim}
         (staging / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
     log.info("exported %s (%s, %d adapters)", output, description["mode"], len(adapters))
     return Exported(Path(output), merged, torch_model, description, dict(zip(names, zip(adapters, weights))))
+
+
+def _cache_names(torch_model: ExportableModel, prefix: str) -> list[str]:
+    """``<prefix>.<layer>.key`` and ``.value`` of each layer of a cached graph (none for a plain one)."""
+    layers = getattr(torch_model, "layers", 0)
+    return [f"{prefix}.{layer}.{part}" for layer in range(layers) for part in ("key", "value")]
+
+
+def _input_names(torch_model: ExportableModel) -> list[str]:
+    if isinstance(torch_model, CachedExportableModel):
+        return [*TEXT_INPUTS, "position_ids", *_cache_names(torch_model, "past_key_values")]
+    return list(TEXT_INPUTS)
+
+
+def _output_names(torch_model: ExportableModel, model: torch.nn.Module) -> list[str]:
+    return [output_name(model), *_cache_names(torch_model, "present")]
 
 
 def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | None) -> onnx.ModelProto:
@@ -165,14 +191,25 @@ def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | No
         slot_examples.append(torch.randn(shape, generator=generator) * 0.01)
         slot_shapes.append({axis: dim})
     dynamic_shapes = ({0: batch, 1: sequence}, {0: batch, 1: sequence})
+    text_examples = (input_ids, attention_mask)
+    if isinstance(torch_model, CachedExportableModel):  # the mask covers past and new tokens: a dim of its own
+        past_length = Dim("past_sequence")
+        attention_mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_PAST + EXAMPLE_SEQUENCE, dtype=torch.long)
+        positions = torch.arange(EXAMPLE_PAST, EXAMPLE_PAST + EXAMPLE_SEQUENCE).expand(EXAMPLE_BATCH, -1)
+        past = tuple(torch.randn(EXAMPLE_BATCH, torch_model.kv_heads, EXAMPLE_PAST, torch_model.head_dim,
+                                 generator=generator) for _ in range(2 * torch_model.layers))
+        text_examples = (input_ids, attention_mask, positions, past)
+        dynamic_shapes = ({0: batch, 1: sequence}, {0: batch, 1: Dim("total_sequence")}, {0: batch, 1: sequence},
+                          tuple({0: batch, 2: past_length} for _ in past))
     if slot_shapes:
         dynamic_shapes += (tuple(slot_shapes),)  # torch.export sees forward's *slots as one tuple argument
     with warnings.catch_warnings():
         # A and B of one module share one Dim on purpose; the exporter warns that the second use adds no name
         warnings.filterwarnings("ignore", message="# The axis name")
         program = torch.onnx.export(
-            torch_model, (input_ids, attention_mask, *slot_examples), dynamo=True, opset_version=opset,
-            input_names=[*TEXT_INPUTS, *torch_model.slot_names], output_names=[output_name(model)],
+            torch_model, (*text_examples, *slot_examples), dynamo=True, opset_version=opset,
+            input_names=[*_input_names(torch_model), *torch_model.slot_names],
+            output_names=_output_names(torch_model, model),
             dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
         )
     return program.model_proto

@@ -7,6 +7,12 @@ are read from the slot inputs of the current call instead of from parameters, wi
 scale). So the graph runs exactly the forward functions attach runs — LoRA's low-rank path, BitFit's bias, the
 prefix-aware attention with the tokens at positions p..p+n-1, ``full`` tensors in place of the base's — and with
 every slot at its default (r = 0, p = 0, Δb = 0, the base tensor) it computes the base model.
+
+:class:`CachedExportableModel` is one generation step of a causal LM: the key/value cache in and out, as
+transformers and Optimum lay it out (``past_key_values.<i>.key`` / ``.value`` in, ``present.<i>.key`` / ``.value``
+out, each [batch, kv_heads, positions, head_dim]), and ``position_ids`` given. A prefix adapter's keys and values
+come in front of the past inside attention, as in a cache that holds them first (PEFT feeds them as past), and the
+positions are shifted by p, as attach shifts them.
 """
 
 from __future__ import annotations
@@ -85,6 +91,45 @@ class ExportableModel(nn.Module):
         """Eager forward with every slot at its default (no adapter, or the merged model)."""
         with torch.no_grad():
             return self(input_ids, attention_mask, *(self.defaults[n] for n in self.slot_names))
+
+
+def cache_layout(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a causal LM's key/value cache, read from one step of the model itself."""
+    with torch.no_grad():
+        cache = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True).cache
+    keys = cache.layers[0].keys
+    return len(cache.layers), keys.shape[1], keys.shape[3]
+
+
+class CachedExportableModel(ExportableModel):
+    """``forward(input_ids, attention_mask, position_ids, past, *slot tensors)`` -> ``(logits, *present)``, where
+    ``past`` holds each layer's keys then values (see the module docstring); ``attention_mask`` covers past and new
+    tokens."""
+
+    def __init__(self, model: nn.Module, defaults: dict[str, torch.Tensor]):
+        super().__init__(model, defaults)
+        self.layers, self.kv_heads, self.head_dim = cache_layout(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, past, *slots):
+        from transformers import DynamicCache
+
+        self.values.update(zip(self.slot_names, slots))
+        cache = DynamicCache()
+        for layer in range(self.layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=True)
+        return (out.logits, *(t for layer in out.cache.layers for t in (layer.keys, layer.values)))
+
+    def empty_past(self, batch: int) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros(batch, self.kv_heads, 0, self.head_dim) for _ in range(2 * self.layers))
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The logits of a first step (no past, positions 0..n-1), every slot at its default."""
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        with torch.no_grad():
+            return self(input_ids, attention_mask, positions, self.empty_past(input_ids.shape[0]),
+                        *(self.defaults[n] for n in self.slot_names))[0]
 
 
 def slot_defaults(model: nn.Module, examples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from adapterkit import targets
 from adapterkit.arrays import to_torch
-from adapterkit.attach.wrapper import AdapterWrapper, Entry, innermost
+from adapterkit.attach.wrapper import AdapterWrapper, Derived, Entry, innermost, rows_of, share_rows
 from adapterkit.errors import RequestError
 from adapterkit.kinds.adapter import (DEFAULT_NON_LINEARITY, NON_LINEARITIES, ROLES, bottleneck_size,
                                       non_linearity_name)
@@ -74,24 +74,21 @@ def output_size(module: torch.nn.Module) -> int:
     raise RequestError(f"a bottleneck adapter sits after a Linear or Conv1D module, not a {type(module).__name__}")
 
 
-class Selected:
-    """An attached entry's tensors plus the name of its non-linearity."""
-
-    def __init__(self, source, function: str):
-        self.source, self.function = source, function
-
-    def tensors(self) -> dict:
-        return {**self.source.tensors(), SELECTOR: self.function}
-
-
 class BottleneckWrapper(AdapterWrapper):
     """Around a module's :class:`AdapterWrapper`: the module (with every other kind's entries), then all bottleneck
-    entries side by side on its output, as one wider adapter."""
+    entries side by side on its output, as one wider adapter (in a per-row attach: those of each adapter, on its rows)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
-        tensors, scale = RUNTIME.gather([(entry.source.tensors(), entry.scale) for entry in self.entries])
-        return RUNTIME.after(innermost(self), x, y, tensors, scale)
+        groups: dict[int, list[Entry]] = {}  # entries that act on the same rows (one adapter of a per-row attach)
+        for entry in self.entries:
+            groups.setdefault(next(i for i, e in enumerate(self.entries) if share_rows(e.source, entry.source)),
+                              []).append(entry)
+        module = innermost(self)
+        for entries in groups.values():
+            tensors, scale = RUNTIME.gather([(entry.source.tensors(), entry.scale) for entry in entries])
+            y = RUNTIME.after_rows(module, x, y, tensors, scale, rows_of(entries[0].source))
+        return y
 
 
 class BottleneckRuntime(Runtime):
@@ -154,7 +151,8 @@ class BottleneckRuntime(Runtime):
         outer = wrappers[path]
         if isinstance(source, torch.nn.Module):
             outer.adapters[key] = source
-        outer.entries.append(Entry(self, source if function is None else Selected(source, function), scale))
+        named = source if function is None else Derived(source, lambda tensors: {**tensors, SELECTOR: function})
+        outer.entries.append(Entry(self, named, scale))
 
     def candidates(self, model, head):
         return targets.linear_modules(model, head)

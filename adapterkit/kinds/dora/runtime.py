@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from adapterkit.arrays import to_torch
-from adapterkit.attach.wrapper import AdapterWrapper, innermost
+from adapterkit.attach.wrapper import AdapterWrapper, innermost, share_rows
 from adapterkit.errors import RequestError
 from adapterkit.kinds.dora import UNWEIGHTED
 from adapterkit.kinds.lora import target_scale
@@ -107,12 +107,13 @@ class DoRARuntime(Runtime):
 
     def install(self, handle, path, key, source, scale, component=None, target=None) -> None:
         """DoRA acts first on its module (the registry's order), so only another DoRA of this attach, or an entry
-        of an earlier attach (a wrapper inside this one), can act before it."""
+        of an earlier attach (a wrapper inside this one), can act before it (on the same rows)."""
         wrapper = handle.wrapper(path)
         earlier = [entry for entry in wrapper.entries if entry.runtime.kind == self.kind]
         module = wrapper.base
         while isinstance(module, AdapterWrapper):  # attached before, by another handle
             earlier, module = module.entries + earlier, module.base
+        earlier = [entry for entry in earlier if share_rows(entry.source, source)]  # per-row: other adapters' rows
         for entry in earlier:
             if isinstance(entry.runtime, DoRARuntime):
                 raise RequestError(f"{path} already carries a DoRA component: two magnitudes cannot act on one "

@@ -3,6 +3,9 @@ the same name through a parametrization (``torch.nn.utils.parametrize``) that re
 new parameter where the module has none (a bias the base lacked). Detach removes the parametrization, which gives
 the module its own parameter object back, or removes the added one. Merge copies the tensor over the base's; it
 cannot be unmerged (the base's tensor is gone from the merged weights).
+
+In a per-row attach a parameter cannot be replaced for some rows only: the module's output is recomputed with the
+entry's tensors on its rows instead (:class:`ReplacedOnRows`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from adapterkit import targets
 from adapterkit.arrays import to_torch
-from adapterkit.attach.wrapper import ADAPTER_PARAMETER, innermost
+from adapterkit.attach.wrapper import ADAPTER_PARAMETER, Derived, innermost
 from adapterkit.errors import RequestError
 from adapterkit.kinds.runtime import Runtime
 
@@ -73,6 +76,8 @@ class FullRuntime(Runtime):
 
     def install(self, handle, path, key, source, scale, component=None, target=None) -> None:
         module = innermost(handle.model.get_submodule(path))
+        if getattr(source, "selection", None) is not None:
+            return self._install_per_row(handle, path, key, source, module)
         for name in source.tensors():
             original = module._parameters.get(name)
             if original is not None:
@@ -93,6 +98,19 @@ class FullRuntime(Runtime):
                 handle.on_detach(lambda name=name, had_slot=had_slot: (
                     module.register_parameter(name, None) if had_slot else delattr(module, name)))
 
+    def _install_per_row(self, handle, path, key, source, module) -> None:
+        """A per-row attach: an entry on the module (and on every module sharing a tied parameter) that recomputes
+        its output with the adapter's tensors on the adapter's rows (:class:`ReplacedOnRows`)."""
+        owners = {id(m): name for name, m in handle.model.named_modules(remove_duplicate=False)}
+        for name in source.tensors():
+            original = module._parameters.get(name)
+            aliases = _aliases(handle.model, original) if original is not None else [(module, name)]
+            for owner, attribute in aliases:
+                renamed = Derived(source, lambda tensors, name=name, attribute=attribute: {attribute: tensors[name]})
+                wrapper = handle.wrapper(owners[id(owner)])
+                wrapper.add(f"{key}_{attribute}", ON_ROWS, renamed, 1.0)
+                wrapper.adapters[key] = source  # its parameters belong to the model (state dict, .to(device))
+
     # Merging replaces the tensor: the merge plan copies it in place of the base's (see adapterkit.merge).
 
     def candidates(self, model, head):
@@ -107,4 +125,16 @@ class FullRuntime(Runtime):
         return {}, {}, tensors
 
 
+class ReplacedOnRows(Runtime):
+    """The per-row form of a replaced parameter: y + f(x; tensors) − f(x) on the entry's rows, where f is the module's
+    own forward and f(x; tensors) the same with the entry's tensors in place of its parameters (the difference, so
+    that what other entries on the module added stays)."""
+
+    def after(self, base, x, y, tensors, scale):
+        module = innermost(base)
+        return y + torch.func.functional_call(module, dict(tensors), (x,)) - module(x)
+
+
 RUNTIME = FullRuntime()
+ON_ROWS = ReplacedOnRows()
+ON_ROWS.kind = "full"

@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from adapterkit import targets
 from adapterkit.arrays import to_torch
+from adapterkit.attach.wrapper import innermost
 from adapterkit.errors import RequestError
 from adapterkit.kinds.lora import target_scale
 from adapterkit.kinds.runtime import Runtime
@@ -67,6 +68,40 @@ class LoRARuntime(Runtime):
         b = tensors["lora_B"] if scale == 1.0 else tensors["lora_B"] * scale
         return y + low_rank(base, x, tensors["lora_A"], b)
 
+    def after_each(self, base, x, y, parts, memo):
+        """A mixed batch (every entry on its own rows): all adapters in one gathered product, as Punica's BGMV does.
+        Their factors are stacked, ranks padded with zeros to the largest (exact: a zero row of A and column of B add
+        nothing), one slot of zeros for the rows without an adapter; each row takes its slot's A and s·B."""
+        if len(parts) < 2 or any(rows is None for _, _, rows in parts) or isinstance(innermost(base), torch.nn.Embedding):
+            return super().after_each(base, x, y, parts, memo)
+        a, b = self._stacked(parts, memo)
+        slot = torch.full((x.shape[0],), len(parts), dtype=torch.long, device=x.device)
+        for i, (_, _, rows) in enumerate(parts):
+            slot[rows] = i
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
+        low = torch.bmm(flat, a[slot].transpose(1, 2))  # x Aᵀ per row: [batch, tokens, r_max]
+        return y + torch.bmm(low, b[slot].transpose(1, 2)).reshape(y.shape)
+
+    @staticmethod
+    def _stacked(parts, memo) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [n+1, r_max, in] and s·B [n+1, out, r_max], zero-padded, the last slot zeros; kept in ``memo`` while
+        the tensors are unchanged (their versions) and no gradient is wanted."""
+        tensors = [(held["lora_A"], held["lora_B"]) for held, _, _ in parts]
+        key = (tuple((id(t), t._version, t.device, t.dtype) for pair in tensors for t in pair)  # moved: restack
+               + tuple(s for _, s, _ in parts))
+        reuse = not torch.is_grad_enabled() or not any(t.requires_grad for pair in tensors for t in pair)
+        if reuse and memo.get("lora_key") == key:
+            return memo["lora_stacked"]
+        rank = max(a.shape[0] for a, _ in tensors)
+        a_out = tensors[0][0].new_zeros(len(parts) + 1, rank, tensors[0][0].shape[1])
+        b_out = tensors[0][1].new_zeros(len(parts) + 1, tensors[0][1].shape[0], rank)
+        for i, ((a, b), (_, scale, _)) in enumerate(zip(tensors, parts)):
+            a_out[i, :a.shape[0]] = a
+            b_out[i, :, :b.shape[1]] = b if scale == 1.0 else b * scale
+        if reuse:
+            memo["lora_key"], memo["lora_stacked"] = key, (a_out, b_out)
+        return a_out, b_out
+
     def scale(self, component, target, roles, weight) -> float:
         return target_scale(component, target, roles["lora_A"].shape[0]) * weight
 
@@ -75,8 +110,6 @@ class LoRARuntime(Runtime):
         return {"lora_A": to_torch(roles["lora_A"]).float(), "lora_B": to_torch(roles["lora_B"]).float() * scale}
 
     def check_fits(self, module, path, component, target, roles) -> None:
-        from adapterkit.attach.wrapper import innermost
-
         base = innermost(module)
         in_features, out_features = features(base)
         a, b = roles["lora_A"], roles["lora_B"]

@@ -40,6 +40,9 @@ class Prefix(Kind):
             if key.shape[1] != length:
                 raise FormatError(f"{where}: manifest says prefix_length {length} but prefix_key is {list(key.shape)}")
 
+    def positions(self, component) -> int:
+        return int(component.params.get("prefix_length", 0))
+
     def describe(self, component, tensors) -> dict:
         return {"prefix_length": component.params.get("prefix_length")}
 

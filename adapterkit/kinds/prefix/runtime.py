@@ -13,6 +13,10 @@ parameters (attach) or from graph inputs (the ONNX export) — the same code eit
 Positions: PEFT feeds the prefix as ``past_key_values``, so the model numbers the tokens p..p+n-1 (and PEFT adds p to
 ``position_ids`` it is given). A forward pre-hook on the model does the same: ``position_ids`` (given, or 0..n-1
 after what a cache already holds) + p. With RoPE (Llama) or learned positions (GPT-2, BERT) this gives PEFT's logits.
+
+Per-row attach (mixed batches): row b gets its own adapter's prefix, of length pᵦ (0 for a row without one): the
+prefixes are padded with zeros to the longest and the padding masked out of attention, and row b's positions are
+shifted by its own pᵦ, which is what row b gets alone.
 """
 
 from __future__ import annotations
@@ -55,15 +59,63 @@ class PrefixStore(torch.nn.Module):
         """p, the number of prefix positions (symbolic while exporting)."""
         return functools.reduce(lambda a, b: a + b, (s.tensors()["prefix_key"].shape[1] for s in self.sources))
 
+    @property
+    def selection(self):
+        """The row selection of a per-row attach, or None (every prefix acts on every row)."""
+        return next((s.selection for s in self.sources if getattr(s, "selection", None) is not None), None)
+
+    def row_lengths(self) -> torch.Tensor:
+        """Per-row attach: each row's number of prefix positions (its adapter's prefixes; 0 without one)."""
+        selection = self.selection
+        lengths = torch.zeros(selection.index.numel(), dtype=torch.long, device=selection.index.device)
+        for source in self.sources:
+            lengths[selection.rows(source.adapter)] += source.tensors()["prefix_key"].shape[1]
+        return lengths
+
     def extend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, sliding_window: int | None = None):
         """Put the prefixes ([kv_heads, pᵢ, head_dim] each) in front of key/value ([batch, kv_heads, n, head_dim]),
         giving [batch, kv_heads, p+n, head_dim], and grow the mask to match."""
+        if self.selection is not None:
+            return self._extend_rows(query, key, value, attention_mask, sliding_window)
         held = [source.tensors() for source in self.sources]
         batch, tokens = key.shape[0], key.shape[2]
         key = torch.cat([*(t["prefix_key"].expand(batch, -1, -1, -1) for t in held), key], dim=2)
         value = torch.cat([*(t["prefix_value"].expand(batch, -1, -1, -1) for t in held), value], dim=2)
         return key, value, _extend_mask(attention_mask, self.length, query.shape[2], tokens, sliding_window)
+
+
+    def _extend_rows(self, query, key, value, attention_mask, sliding_window):
+        """:meth:`extend` in a per-row attach: row b gets its adapter's pᵦ prefix positions, padded with zeros to
+        the longest p of the batch, and the padding masked, so each row attends exactly to its own prefix."""
+        if sliding_window is not None:
+            raise RequestError("per-row prefixes in a layer with a sliding window are not supported: attach the "
+                               "prefix alone")
+        selection = self.selection
+        lengths = self.row_lengths()
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if longest == 0:
+            return key, value, attention_mask
+        batch, kv_heads, tokens, head_dim = key.shape
+        keys = key.new_zeros(batch, kv_heads, longest, head_dim)
+        values = value.new_zeros(batch, kv_heads, longest, head_dim)
+        filled: dict[int, int] = {}  # adapter -> prefix positions written (its prefixes follow each other)
+        for source in self.sources:
+            rows, held = selection.rows(source.adapter), source.tensors()
+            start = filled.get(source.adapter, 0)
+            end = filled[source.adapter] = start + held["prefix_key"].shape[1]
+            if rows.numel():
+                keys[rows, :, start:end] = held["prefix_key"].to(key.dtype)
+                values[rows, :, start:end] = held["prefix_value"].to(value.dtype)
+        allowed = torch.arange(longest, device=key.device)[None, :] < lengths[:, None]  # [batch, longest]
+        queries = query.shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(1, 1, queries, tokens, dtype=torch.bool, device=key.device)
+        columns = allowed[:, None, None, :].expand(batch, attention_mask.shape[1], queries, longest)
+        if attention_mask.dtype != torch.bool:
+            columns = torch.where(columns, 0.0, torch.finfo(attention_mask.dtype).min).to(attention_mask.dtype)
+        mask = torch.cat([columns, attention_mask.expand(batch, -1, -1, -1)], dim=-1)
+        return torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2), mask
 
 
 def _extend_mask(attention_mask: torch.Tensor | None, p, queries, tokens, sliding_window: int | None):
@@ -161,7 +213,11 @@ def _shift_positions(stores: list[PrefixStore], numbering, args, kwargs):
     """The positions the model gives its tokens after p cached ones, as when PEFT feeds the prefix as past
     key/values (see the module docstring): ``position_ids`` + p, or the model's own padding-aware numbering
     continued after p (RoBERTa)."""
-    longest = functools.reduce(torch.sym_max, (store.length for store in stores))
+    per_row = stores[0].selection is not None
+    if per_row:  # each row's own p: [batch, 1], added along the row
+        longest = functools.reduce(torch.maximum, (store.row_lengths() for store in stores))[:, None]
+    else:
+        longest = functools.reduce(torch.sym_max, (store.length for store in stores))
     position_ids = kwargs.get("position_ids")
     if position_ids is not None:
         return args, {**kwargs, "position_ids": position_ids + longest}
@@ -169,7 +225,12 @@ def _shift_positions(stores: list[PrefixStore], numbering, args, kwargs):
     cache = kwargs.get("past_key_values") or kwargs.get("cache")
     cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     if numbering is not None and tokens is not None:
-        position_ids = numbering.create_position_ids_from_input_ids(tokens, numbering.padding_idx, cached + longest)
+        if per_row:  # the numbering continued after each row's p: the padding keeps its position
+            position_ids = (numbering.create_position_ids_from_input_ids(tokens, numbering.padding_idx, cached)
+                            + longest * tokens.ne(numbering.padding_idx))
+        else:
+            position_ids = numbering.create_position_ids_from_input_ids(tokens, numbering.padding_idx,
+                                                                        cached + longest)
         return args, {**kwargs, "position_ids": position_ids}
     tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
     position_ids = torch.arange(cached, cached + tokens.shape[1], device=tokens.device).unsqueeze(0)
