@@ -24,7 +24,7 @@ from adapterkit import targets
 from adapterkit.arrays import to_torch
 from adapterkit.errors import RequestError
 from adapterkit.kinds.lora import target_scale
-from adapterkit.kinds.runtime import Runtime
+from adapterkit.kinds.runtime import Runtime, in_dtype
 
 
 def low_rank(base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -50,8 +50,9 @@ class LoRARuntime(Runtime):
     merged_parameters = ("weight",)
 
     def after(self, base, x, y, tensors, scale):
+        a = tensors["lora_A"]
         b = tensors["lora_B"] if scale == 1.0 else tensors["lora_B"] * scale
-        return y + low_rank(base, x, tensors["lora_A"], b)
+        return y + in_dtype(low_rank(base, in_dtype(x, a.dtype), a, b), y.dtype)
 
     def scale(self, component, target, roles, weight) -> float:
         return target_scale(component, target, roles["lora_A"].shape[0]) * weight
