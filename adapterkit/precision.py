@@ -7,9 +7,12 @@ Precisions (``--base-precision``):
 - ``float32``: the base as loaded (the default);
 - ``bfloat16``: every parameter of the base in bfloat16, computed in bfloat16;
 - ``int8``: the weight of every linear layer of the base in int8, one float32 scale per output row (absmax,
-  symmetric): torchao's ``Int8QuantizedTrainingLinearWeight``, whose differentiable linear keeps only the int8 weight
-  for the backward pass (torchao's inference format, ``Int8WeightOnlyConfig``, keeps a dequantized copy of every
-  weight for the backward pass: measured, training over it needs about as much memory as over float32);
+  symmetric): torchao's weight-only int8 (``quantize_`` with ``Int8WeightOnlyConfig``, the format PEFT's torchao
+  support trains over). Its linear runs above autograd, which then keeps the dequantized float32 copy of every weight
+  for the backward pass (measured: training over it took about as much memory as over float32), so the module runs
+  it inside :class:`FrozenInt8Linear`, which keeps the int8 weight instead and dequantizes it again for the
+  backward pass, as torchao's NF4 linear does (torchao's ``Int8QuantizedTrainingLinearWeight`` does that too, but
+  also computes the weight's gradient, measured 1.4 times slower, and fails on some non-contiguous gradients);
 - ``nf4``: the weight of every linear layer in 4-bit NormalFloat, blocks of 64 with double-quantized scales
   (torchao's ``NF4Tensor``, what torchtune's QLoRA uses).
 
@@ -84,11 +87,10 @@ def _torchao():
 def _quantized_types() -> tuple[type, ...]:
     import sys
 
-    if "torchao.quantization" not in sys.modules:  # nothing can be quantized before torchao is imported
+    quantization = sys.modules.get("torchao.quantization")
+    if quantization is None:  # nothing can be quantized before torchao is imported
         return ()
-    from torchao.prototype.quantized_training import Int8QuantizedTrainingLinearWeight
-
-    return (sys.modules["torchao.quantization"].NF4Tensor, Int8QuantizedTrainingLinearWeight)
+    return (quantization.NF4Tensor, quantization.Int8Tensor)
 
 
 def is_quantized(tensor) -> bool:
@@ -101,9 +103,9 @@ def dense(tensor, dtype=None):
     """The value of a weight as a plain tensor in ``dtype`` (default: its own): a quantized weight dequantized, a
     plain one as it is (converted where ``dtype`` differs)."""
     if is_quantized(tensor):
-        nf4 = _torchao().NF4Tensor
-        value = tensor.get_original_weight() if isinstance(tensor, nf4) else tensor.dequantize()
-        return value.to(dtype or tensor.dtype)
+        if isinstance(tensor, _torchao().NF4Tensor):
+            return tensor.get_original_weight().to(dtype or tensor.dtype)
+        return tensor.dequantize(dtype or tensor.dtype)
     return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
@@ -128,9 +130,12 @@ def quantize_weight(weight, precision: str):
 
         return to_nf4(value, NF4_BLOCK, _nf4_scaler_block(value.numel() // NF4_BLOCK))
     if precision == "int8":
-        from torchao.prototype.quantized_training import Int8QuantizedTrainingLinearWeight
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        return Int8QuantizedTrainingLinearWeight.from_float(value.to(torch.float32))
+        holder = torch.nn.Linear(value.shape[1], value.shape[0], bias=False, device="meta")
+        holder.weight = torch.nn.Parameter(value, requires_grad=False)
+        quantize_(holder, Int8WeightOnlyConfig())
+        return holder.weight.detach()
     raise RequestError(f"{precision} is not a quantized precision")
 
 
@@ -172,10 +177,51 @@ def hold(model, precision: str, keep: Iterable[str] = ()) -> dict[str, int]:
                      list(module.weight.shape))
             continue
         module.weight = torch.nn.Parameter(quantized, requires_grad=False)
+        if precision == "int8" and type(module) is torch.nn.Linear:
+            module.__class__ = frozen_int8_linear_class()  # same module, same state; see FrozenInt8Linear
         counts["quantized"] += 1
     log.info("base held in %s: %d linear layers quantized, %d kept in float32", precision, counts["quantized"],
              counts["kept"])
     return counts
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def frozen_int8_linear_class() -> type:
+    """``FrozenInt8Linear``: an ``nn.Linear`` whose weight is held in int8 (torchao's ``Int8Tensor``). Its forward
+    runs torchao's int8 linear inside an autograd function that keeps the int8 weight for the backward pass, where
+    it is dequantized again to give the input its gradient (the frozen weight and bias get none), instead of the
+    float32 copy autograd would keep. Still an ``nn.Linear``: every kind finds it as it found the module. Made on
+    first use (it needs torch)."""
+    if "int8" not in _CLASSES:
+        import torch
+        import torch.nn.functional as F
+
+        class FrozenQuantizedLinear(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, weight, bias):
+                ctx.save_for_backward(weight)
+                return F.linear(x, weight, bias)  # the library's own quantized linear (autograd is off in here)
+
+            @staticmethod
+            def backward(ctx, grad):
+                (weight,) = ctx.saved_tensors
+                grad_x = grad @ dense(weight, grad.dtype) if ctx.needs_input_grad[0] else None
+                grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+                return grad_x, None, grad_bias
+
+        class FrozenInt8Linear(torch.nn.Linear):
+            __doc__ = frozen_int8_linear_class.__doc__
+
+            def forward(self, x):
+                weight = self.weight  # a plain tensor where a full adapter replaces it (then it trains as usual)
+                if not torch.is_grad_enabled() or not is_quantized(weight):
+                    return F.linear(x, weight, self.bias)
+                return FrozenQuantizedLinear.apply(x, weight, self.bias)
+
+        _CLASSES["int8"] = FrozenInt8Linear
+    return _CLASSES["int8"]
 
 
 def held_bytes(model) -> int:
