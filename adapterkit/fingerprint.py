@@ -17,7 +17,10 @@ Names are left out on purpose: the same weights are named ``encoder.layer.0...``
 including two bases of one architecture. Rounding to bfloat16 makes a float32 or bfloat16 load of the same checkpoint
 agree; loading in a lower precision than the checkpoint's (float16 from float32) can change the value.
 
-A folder or file is fingerprinted with numpy alone; a module needs torch (it is one).
+A folder or file is fingerprinted with numpy alone; a module needs torch (it is one). A diffusers pipeline folder's
+fingerprint is that of its denoiser (``unet/`` or ``transformer/``, :mod:`adapterkit.io.pipeline`); an adapter is
+accepted on a component folder of a pipeline when it was made for the pipeline, and on a pipeline when it was made
+for one of its components.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 
 from adapterkit.arrays import FLOAT_NAMES, as_array
 from adapterkit.errors import BaseMismatchError, RequestError
+from adapterkit.io import pipeline
 from adapterkit.io.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -79,6 +83,8 @@ def _is_excluded(name: str, excluded: tuple[str, ...]) -> bool:
 
 
 def _samples(base, excluded) -> Iterator[tuple[str, list[int], np.ndarray, np.ndarray]]:
+    if isinstance(base, (str, os.PathLike)) and pipeline.is_pipeline(base):
+        base = pipeline.denoiser(base)
     if not isinstance(base, (str, os.PathLike)):  # a torch module
         from adapterkit.attach import is_adapter_parameter
         from adapterkit.precision import is_quantized
@@ -115,6 +121,17 @@ def replaced_targets(adapter) -> list[str]:
     return [t for c in adapter.components for t in get_kind(c.kind).replaced_targets(c)]
 
 
+def _related(base) -> Iterator:
+    """The bases an adapter made for ``base``'s pipeline or components also belongs to: for a component folder of a
+    pipeline, the pipeline; for a pipeline, each component folder."""
+    if not isinstance(base, (str, os.PathLike)):
+        return
+    if pipeline.is_pipeline(base):
+        yield from (os.path.join(base, name) for name in pipeline.components(base))
+    elif (owner := pipeline.pipeline_of(base)) is not None:
+        yield owner
+
+
 def check_base(adapter, base, where: str, force: bool = False, replaced: Iterable[str] | None = None) -> None:
     """Refuse ``adapter`` on ``base`` (a module or checkpoint path) when its recorded base fingerprint differs, unless
     ``force``. ``replaced`` names the base tensors its components replace whole (default: their targets as
@@ -134,6 +151,8 @@ def check_base(adapter, base, where: str, force: bool = False, replaced: Iterabl
     replaced = list(replaced_targets(adapter) if replaced is None else replaced)
     actual = fingerprint(base, exclude=replaced, algorithm=algorithm)
     if actual == expected or (replaced and expected == fingerprint(base, algorithm=algorithm)):
+        return
+    if any(fingerprint(other, exclude=replaced, algorithm=algorithm) == expected for other in _related(base)):
         return
     if force:
         log.warning("%s was made for base %s but this base is %s; going on anyway (force)", where, expected, actual)

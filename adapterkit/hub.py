@@ -5,7 +5,8 @@ A pushed repository holds, from ONE commit:
 - ``adapter.safetensors``: the adapter file, byte for byte (whatever its local name was);
 - ``adapterkit.json``: ``{"file": "adapter.safetensors", "sha256": ..., "size": ...}``, the record pull checks against;
 - ``README.md``: a model card (:mod:`adapterkit.model_card`);
-- with ``with_peft``: ``adapter_config.json`` and ``adapter_model.safetensors`` for PEFT users.
+- with ``with_formats=["peft"]`` (``push --with-peft``): ``adapter_config.json`` and ``adapter_model.safetensors`` for
+  PEFT users (the formats the converters registry marks for the Hub).
 
 Pull refuses a revision with path tricks (:func:`check_revision`), resolves it (branch, tag or commit) to one commit,
 reads and checks the record (a plain file name inside the repo, a sha256, a size) before anything else is downloaded,
@@ -30,6 +31,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
@@ -104,10 +106,12 @@ def endpoint() -> str:
 
 
 def push(path: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = False,
-         message: str | None = None, with_peft: bool = False) -> Pushed:
+         message: str | None = None, with_formats: Sequence[str] = ()) -> Pushed:
     """Validate the adapter at ``path`` and upload it, its model card and its record in one commit to ``repo_id``.
 
     The repository is created if missing (private if asked); a ``revision`` branch is created from main if missing.
+    ``with_formats`` names foreign formats (those the converters registry marks for the Hub, e.g. ``peft``) whose
+    files go up beside ours, at the repository's root, so that tools reading that format find them.
     """
     branch = constants.DEFAULT_REVISION if revision is None else check_revision(revision, repo_id)
     with _hub_errors(repo_id, branch):
@@ -123,10 +127,10 @@ def push(path: str | os.PathLike, repo_id: str, *, revision: str | None = None, 
         CommitOperationAdd(CARD_FILE, card.encode()),
     ]
     api = HfApi(endpoint=endpoint())
-    with (tempfile.TemporaryDirectory(prefix="adapterkit-peft-") as peft_folder, _hub_errors(repo_id, branch),
+    with (tempfile.TemporaryDirectory(prefix="adapterkit-formats-") as folder, _hub_errors(repo_id, branch),
           _bounded_session()):
-        if with_peft:
-            operations += _peft_files(adapter, peft_folder)
+        for name in with_formats:
+            operations += _format_files(adapter, name, os.path.join(folder, name), path)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if branch != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
@@ -136,11 +140,17 @@ def push(path: str | os.PathLike, repo_id: str, *, revision: str | None = None, 
     return Pushed(repo_id, branch, info.oid, info.commit_url, sha256)
 
 
-def _peft_files(adapter, folder: str) -> list[CommitOperationAdd]:
-    """The adapter written by the PEFT converter, as commit operations for each file it wrote."""
-    from adapterkit.converters import peft as peft_format
+def _format_files(adapter, format_name: str, folder: str, source) -> list[CommitOperationAdd]:
+    """The adapter written in a foreign format (a folder of files, or one file named as the registry says), as commit
+    operations for each file it wrote."""
+    from adapterkit.converters.registry import FORMATS, converter
 
-    peft_format.write(adapter, folder)
+    format_ = FORMATS[format_name]
+    if format_.hub_file:
+        os.makedirs(folder)
+        converter(format_name).write(adapter, os.path.join(folder, format_.hub_file), inputs=[source])
+    else:
+        converter(format_name).write(adapter, folder, inputs=[source])
     return [CommitOperationAdd(name, os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
 
 

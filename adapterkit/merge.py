@@ -29,6 +29,7 @@ from adapterkit.errors import RequestError
 from adapterkit.fingerprint import check_base
 from adapterkit.kinds import get_kind, order
 from adapterkit.manifest import Component
+from adapterkit.io.pipeline import split_target
 from adapterkit.targets import resolve_module
 from adapterkit.values import check_weights
 
@@ -57,10 +58,17 @@ class MergePlan:
     """
 
     def __init__(self, adapters: Sequence[Adapter], weights: Sequence[float] | None, names: Iterable[str],
-                 sign: float = 1.0, kept: Mapping[str, dict[str, torch.Tensor]] | None = None):
+                 sign: float = 1.0, kept: Mapping[str, dict[str, torch.Tensor]] | None = None,
+                 component: str | None = None, components: Iterable[str] = ()):
         weights = check_weights(weights, len(adapters))
         self.names = set(names)
         self.sign = sign
+        #: the pipeline component these tensors are (``unet``), and the names of all of the pipeline's components:
+        #: targets named after another component (``text_encoder.…``) are not this checkpoint's (see
+        #: :mod:`adapterkit.io.pipeline`); they are counted in :attr:`elsewhere`
+        self.component = component
+        self.components = set(components) | ({component} if component else set())
+        self.elsewhere: dict[str, int] = {}
         self.kept: dict[str, dict[str, torch.Tensor]] = dict(kept or {})
         modules = {name.rpartition(".")[0] for name in self.names}
         #: base tensor name -> the parts that change it, in merge order, until applied
@@ -73,6 +81,18 @@ class MergePlan:
             for component in adapter.components:
                 self._add_component(index, adapter, component, weight * component.weight, modules)
 
+    def _here(self, targets: Sequence[str]) -> list[tuple[str, str]]:
+        """``(target, name in this checkpoint)`` of the targets that land here: all of them, or in a pipeline
+        component's checkpoint those named after it (without the name); the others are counted in ``elsewhere``."""
+        found = []
+        for target in targets:
+            owner, rest = split_target(target, self.components)
+            if owner is None or owner == self.component:
+                found.append((target, rest))
+            else:
+                self.elsewhere[owner] = self.elsewhere.get(owner, 0) + 1
+        return found
+
     def _add_component(self, index, adapter, component, weight, modules) -> None:
         kind = get_kind(component.kind)
         tensors = adapter.component_tensors(component.name)
@@ -81,17 +101,17 @@ class MergePlan:
                 raise RequestError(
                     f"component {component.name!r} ({component.kind}) replaced whole base tensors when it was merged; "
                     "the originals are not in the merged weights, so it cannot be unmerged: merge again from the base")
-            for target in component.targets:
-                module = resolve_module(target, modules)
+            for target, local in self._here(component.targets):
+                module = resolve_module(local, modules)
                 for parameter, tensor in tensors[target].items():
-                    name = f"{module or target}.{parameter}"
+                    name = f"{module or local}.{parameter}"
                     (self.replacements if name in self.names else self.additions)[name] = tensor
             return
         if kind.unmergeable:
             raise RequestError(kind.unmergeable_reason(component))
         runtime = kind.runtime
-        for target in component.targets:
-            module = resolve_module(target, modules)
+        for target, local in self._here(component.targets):
+            module = resolve_module(local, modules)
             if module is None:
                 raise RequestError(f"component {component.name!r}: target {target!r} is not a module of the base")
             for parameter in runtime.merged_parameters:
@@ -100,6 +120,11 @@ class MergePlan:
                 self._parts.setdefault(f"{module}.{parameter}", []).append(_Part(
                     runtime, component, target, tensors[target], weight,
                     f"{index}/{component.name}.{target}.{parameter}"))
+
+    @property
+    def empty(self) -> bool:
+        """Whether no target of the adapters lands in this checkpoint."""
+        return not (self._parts or self.replacements or self.additions)
 
     def touches(self, name: str) -> bool:
         return name in self.replacements or name in self._parts

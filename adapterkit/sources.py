@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from adapterkit.adapter import Adapter
+from adapterkit.errors import AdapterError, FileSystemError, FormatError
 from adapterkit.io.adapter_file import load
 
 HUB_SCHEME = "hf://"
@@ -24,7 +25,18 @@ def local_path(ref: str | os.PathLike) -> str:
 
 
 def load_adapter(ref: str | os.PathLike) -> Adapter:
-    return load(local_path(ref))
+    """The adapterkit file ``ref`` names; a foreign adapter (a PEFT folder, a kohya file) is refused saying which
+    ``convert`` makes one of it."""
+    path = local_path(ref)
+    try:
+        return load(path)
+    except AdapterError as exc:
+        from adapterkit.converters.registry import foreign_hint
+
+        hint = foreign_hint(path) if not isinstance(exc, FileSystemError) or os.path.isdir(path) else None
+        if hint is None:
+            raise
+        raise FormatError(f"not an adapterkit file: {hint}", path) from None
 
 
 def load_adapters(refs) -> list[Adapter]:

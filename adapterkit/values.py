@@ -16,6 +16,9 @@ from adapterkit.errors import RequestError
 
 #: the largest magnitude of an adapter weight: far beyond any use, small enough that w·s·B stays finite in float32
 MAX_WEIGHT = 1e6
+#: the largest count (steps, epochs, rank, batch size, prefix length, seed): beyond any use, and small enough that a
+#: tensor sized by it stays within torch's and numpy's 64-bit sizes (larger ones raise their own errors, not ours)
+MAX_COUNT = 2**31 - 1
 
 
 def number(value, name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -25,6 +28,8 @@ def number(value, name: str, low: float | None = None, high: float | None = None
         result = float(value)
     except (TypeError, ValueError):
         raise RequestError(f"{name} must be a number, got {value!r}") from None
+    except OverflowError:  # an integer (or fraction) beyond any float
+        raise RequestError(f"{name} must be a finite number, got one beyond the range of floats") from None
     if isinstance(value, bool) or not math.isfinite(result):
         raise RequestError(f"{name} must be a finite number, got {value!r}")
     too_low = low is not None and (result < low or (low_open and result == low))
@@ -34,8 +39,8 @@ def number(value, name: str, low: float | None = None, high: float | None = None
     return result
 
 
-def count(value, name: str, low: int = 1, high: int | None = None) -> int:
-    """``value`` as an integer ≥ ``low`` (and ≤ ``high``); else RequestError."""
+def count(value, name: str, low: int = 1, high: int | None = MAX_COUNT) -> int:
+    """``value`` as an integer ≥ ``low`` and ≤ ``high`` (default :data:`MAX_COUNT`); else RequestError."""
     if isinstance(value, str):
         try:
             value = int(value, 10)
@@ -45,7 +50,9 @@ def count(value, name: str, low: int = 1, high: int | None = None) -> int:
         raise RequestError(f"{name} must be a whole number, got {value!r}")
     if value < low or (high is not None and value > high):
         bound = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise RequestError(f"{name} must be {bound}, got {value}")
+        # Python refuses to print an integer of more than 4300 digits
+        shown = value if value.bit_length() < 1000 else f"an integer of {value.bit_length()} bits"
+        raise RequestError(f"{name} must be {bound}, got {shown}")
     return value
 
 

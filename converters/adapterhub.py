@@ -106,7 +106,7 @@ def read(path, base=None) -> Adapter:
     return adapter
 
 
-def write(adapter: Adapter, path, base=None, inputs=()) -> None:
+def write(adapter: Adapter, path, base=None, inputs=(), overwrite: bool = False) -> None:
     raise RequestError("adapterkit reads AdapterHub adapters but does not write them", path)
 
 

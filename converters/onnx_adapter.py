@@ -25,7 +25,8 @@ def read(path: str | os.PathLike, base=None) -> Adapter:
                       "manifest: it cannot be converted back; keep the adapterkit file it was made from", path)
 
 
-def write(adapter: Adapter, path: str | os.PathLike, base: str | os.PathLike | None = None, inputs=()) -> None:
+def write(adapter: Adapter, path: str | os.PathLike, base: str | os.PathLike | None = None, inputs=(),
+          overwrite: bool = False) -> None:
     """Write ``adapter`` for a graph exported from ``base`` (a model folder: its module tree resolves target names
     and checks that the tensors fit; without it the targets must already be the graph's module paths)."""
     from adapterkit.onnx import require_onnxruntime

@@ -138,9 +138,10 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- writing
 
 
-def write(adapter: Adapter, path, base=None, inputs=()) -> None:
+def write(adapter: Adapter, path, base=None, inputs=(), overwrite: bool = False) -> None:
     """Write ``adapter`` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads unchanged (through the
-    output discipline: never over an input, replaced whole or not at all)."""
+    output discipline: never over an input, replaced whole or not at all). An existing folder is replaced only with
+    ``overwrite``, and only when it holds nothing but a PEFT adapter's files."""
     by_kind: dict[str, list] = {}
     for component in adapter.components:
         by_kind.setdefault(component.kind, []).append(component)
@@ -169,7 +170,7 @@ def write(adapter: Adapter, path, base=None, inputs=()) -> None:
     config.update(base_model_name_or_path=adapter.manifest.base_model.id,
                   revision=adapter.manifest.base_model.revision, inference_mode=True)
     keyed = {_prefixed(k): np.ascontiguousarray(v) for k, v in tensors.items()}
-    with output(path, inputs=[*inputs, *([base] if base else [])], folder=True, overwrite=True,
-                owned=[CONFIG_FILE]) as folder:
+    with output(path, inputs=[*inputs, *([base] if base else [])], folder=True, overwrite=overwrite,
+                owned=[CONFIG_FILE], only=[CONFIG_FILE, WEIGHTS_FILE, "README.md"]) as folder:
         safetensors.write_file(folder / WEIGHTS_FILE, keyed, metadata={"format": "pt"})
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole adapterkit job on the built-in tiny example, offline, as a user types it:
-#   example data → train (LoRA ×2, prefix, BitFit, a classifier) → inspect/validate → compose → merge/unmerge
+#   example data → train (LoRA ×2, prefix, BitFit, DoRA, (IA)³, a bottleneck adapter, a classifier)
+#   → inspect/validate → compose → merge/unmerge
 #   → ONNX export → ONNX Runtime → push/pull through a Hub stand-in on loopback → PEFT conversion.
 # Usage: bash examples/end_to_end.sh [OUTPUT_DIR]      (make demo runs it into demo-output/)
 set -euo pipefail
@@ -21,7 +22,12 @@ step "2c. Train a prefix (8 virtual tokens per layer)" \
   adapterkit train "$BASE" --method prefix --data "$OUT/example/support_formal.jsonl" --steps 300 --prefix-length 8 -o "$OUT/prefix.safetensors"
 step "2d. Train BitFit (bias deltas only)" \
   adapterkit train "$BASE" --method bitfit --data "$OUT/example/support_formal.jsonl" --steps 300 --lr 1e-2 -o "$OUT/bitfit.safetensors"
-step "2e. Train a LoRA and a new classification head on the BERT sentiment set, evaluated each epoch" \
+step "2e. The rest of the taxonomy: DoRA (magnitude and direction), (IA)³ (rescaled keys, values, feed-forward)" \
+  adapterkit train "$BASE" --method dora --data "$OUT/example/support_formal.jsonl" --steps 100 --lr 1e-2 --rank 4 --alpha 8 -o "$OUT/dora.safetensors"
+step "" adapterkit train "$BASE" --method ia3 --data "$OUT/example/support_formal.jsonl" --steps 100 -o "$OUT/ia3.safetensors"
+step "...and a bottleneck adapter after each feed-forward block (Pfeiffer's placement)" \
+  adapterkit train "$BASE" --method adapter --data "$OUT/example/support_formal.jsonl" --steps 100 --lr 1e-2 --reduction-factor 4 -o "$OUT/bottleneck.safetensors"
+step "2f. Train a LoRA and a new classification head on the BERT sentiment set, evaluated each epoch" \
   adapterkit train "$OUT/example/bert" --method lora --task classify --data "$OUT/example/sentiment_train.jsonl" \
     --eval-data "$OUT/example/sentiment_eval.jsonl" --epochs 4 --lr 5e-3 -o "$OUT/sentiment.safetensors"
 
@@ -42,13 +48,17 @@ step "5a. Merge the mix into the base weights, streamed tensor by tensor" \
   adapterkit merge "$BASE" "$OUT/mix.safetensors" -o "$OUT/merged"
 step "5b. ...and take it out again" \
   adapterkit unmerge "$OUT/merged" "$OUT/mix.safetensors" -o "$OUT/unmerged"
+step "5c. DoRA and (IA)³ merge and unmerge too (DoRA's row norms are kept beside the merged weights)" \
+  adapterkit merge "$BASE" "$OUT/dora.safetensors" "$OUT/ia3.safetensors" -o "$OUT/merged_dora_ia3"
+step "" adapterkit unmerge "$OUT/merged_dora_ia3" "$OUT/dora.safetensors" "$OUT/ia3.safetensors" -o "$OUT/restored"
 step "" adapterkit inspect "$OUT/merged"
 
 step "6a. Export the merged model to ONNX and check ONNX Runtime against torch" \
   adapterkit export --onnx "$BASE" "$OUT/mix.safetensors" --merged -o "$OUT/onnx_merged" --verify
-step "6b. Export one graph with swappable adapters (LoRA mix, formal LoRA, prefix, BitFit), verified per adapter" \
+step "6b. Export one graph with swappable adapters (every kind), verified per adapter" \
   adapterkit export --onnx "$BASE" "$OUT/mix.safetensors" "$OUT/formal.safetensors" "$OUT/prefix.safetensors" \
-    "$OUT/bitfit.safetensors" --unmerged -o "$OUT/onnx_unmerged" --verify
+    "$OUT/bitfit.safetensors" "$OUT/dora.safetensors" "$OUT/ia3.safetensors" "$OUT/bottleneck.safetensors" \
+    --unmerged -o "$OUT/onnx_unmerged" --verify
 step "" adapterkit inspect "$OUT/onnx_unmerged"
 
 step "7. Serve: one ONNX Runtime session, adapters switched per call" \

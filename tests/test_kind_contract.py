@@ -31,7 +31,7 @@ from adapterkit.merge import merge_into_model, unmerge_from_model
 from adapterkit.train.init import new_components, option_defaults
 from test_attach import assert_restored, snapshot
 
-MODELS = {"llama": tiny_models.llama, "gpt2": tiny_models.gpt2, "bert": tiny_models.bert}
+MODELS = tiny_models.MODELS
 IDS = torch.tensor([[1, 5, 9, 33, 2, 77, 100, 3], [4, 8, 15, 16, 23, 42, 99, 127]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]])
 CASES = [(kind, model) for kind in KINDS for model in MODELS]
@@ -120,23 +120,14 @@ def test_compose_with_itself(case):
         torch.testing.assert_close(output(model), reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def saved_bases(tmp_path_factory):
-    folders = {}
-    for name, build in MODELS.items():
-        folders[name] = tmp_path_factory.mktemp(name)
-        build().save_pretrained(folders[name])
-    return folders
-
-
-def test_unmerged_onnx_graph_equals_attach(case, saved_bases, tmp_path):
+def test_unmerged_onnx_graph_equals_attach(case, tiny_dirs, tmp_path):
     from adapterkit.onnx.export import export_onnx, load_base
     from adapterkit.onnx.runner import Runner
 
     kind, name, _, _ = case
-    model = load_base(saved_bases[name])  # sdpa attention, as the export loads it
+    model = load_base(tiny_dirs[name])  # sdpa attention, as the export loads it
     adapter = random_adapter(kind, model)
-    export_onnx(saved_bases[name], [adapter], tmp_path / "onnx", merged=False, names=["a"])
+    export_onnx(tiny_dirs[name], [adapter], tmp_path / "onnx", merged=False, names=["a"])
     runner = Runner(tmp_path / "onnx")
     inputs = {"input_ids": IDS.numpy(), "attention_mask": MASK.numpy()}
     field = runner.output_names[0]
@@ -149,7 +140,7 @@ def test_unmerged_onnx_graph_equals_attach(case, saved_bases, tmp_path):
                                rtol=0)
 
 
-def test_peft_round_trip_where_peft_has_the_kind(case, saved_bases, tmp_path):
+def test_peft_round_trip_where_peft_has_the_kind(case, tiny_dirs, tmp_path):
     from peft import PeftModel
 
     from adapterkit.converters import peft as peft_format
@@ -165,14 +156,14 @@ def test_peft_round_trip_where_peft_has_the_kind(case, saved_bases, tmp_path):
     with attach(model, adapter):
         expected = output(model)
     try:
-        peft_format.write(adapter, tmp_path / "peft", base=saved_bases[name])
+        peft_format.write(adapter, tmp_path / "peft", base=tiny_dirs[name])
     except RequestError as exc:  # refused before anything is written, never a folder PEFT cannot load
         assert not (tmp_path / "peft").exists()
         pytest.skip(f"PEFT cannot hold this adapter on {name}: {exc.reason}")
     peft_model = PeftModel.from_pretrained(MODELS[name](), tmp_path / "peft").eval()
     rows = MASK.bool()
     torch.testing.assert_close(output(peft_model)[rows], expected[rows], atol=1e-5, rtol=0)
-    back = peft_format.read(tmp_path / "peft", base=saved_bases[name])
+    back = peft_format.read(tmp_path / "peft", base=tiny_dirs[name])
     with attach(model, back):
         torch.testing.assert_close(output(model)[rows], expected[rows], atol=1e-5, rtol=0)
 

@@ -58,8 +58,32 @@ def test_lora_with_patterns_rslora_and_embedding_round_trips(tmp_path):
     # Our reading of it, merged with our own merge, acts as PEFT does.
     torch.testing.assert_close(logits(merge_into_model(tiny_models.llama(), [adapter])), reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(logits(reloaded), reference, atol=1e-6, rtol=0)
+    # Written portably: one alpha (the most common α·√r, 8·√4 = 16), no alpha_pattern, no rsLoRA; the other
+    # targets' scales folded into B (v_proj: 3·√4 / 16; layer 1's q_proj: 8·√2 / 16), so that a reader that ignores
+    # alpha_pattern, rank_pattern and use_rslora (llama.cpp's convert_lora_to_gguf.py) gets the same ΔW.
     written = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
-    assert written["rank_pattern"] == {"model.layers.1.self_attn.q_proj": 2} and written["use_rslora"] is True
+    assert written["rank_pattern"] == {"model.layers.1.self_attn.q_proj": 2}
+    assert written["use_rslora"] is False and written["alpha_pattern"] == {} and written["lora_alpha"] == 16
+    assert_portable(tmp_path / "back", adapter)
+
+
+def assert_portable(folder, adapter):
+    """Each target's ΔW computed as a reader that knows only ``lora_alpha`` and the tensors' ranks does (α/r·B·A)
+    equals the adapter's own ΔW (what merge adds)."""
+    from safetensors.numpy import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(folder / "adapter_model.safetensors")
+    component = adapter.components[0]
+    for target, roles in adapter.component_tensors(component.name).items():
+        key = peft_format.KEY_PREFIX + target
+        a = tensors.get(f"{key}.lora_A.weight", tensors.get(f"{key}.lora_embedding_A"))
+        b = tensors.get(f"{key}.lora_B.weight", tensors.get(f"{key}.lora_embedding_B"))
+        naive = config["lora_alpha"] / a.shape[0] * torch.from_numpy(b).double() @ torch.from_numpy(a).double()
+        expected = tiny_models.merged_delta(component, target, roles).double()
+        if component.param(target, "fan_in_fan_out", False):
+            expected = expected.T
+        torch.testing.assert_close(naive, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_gpt2_conv1d_fan_in_fan_out_round_trips(tmp_path):

@@ -24,23 +24,12 @@ import tiny_models
 from adapterkit.arrays import to_torch
 from adapterkit.attach import attach
 from adapterkit.cli import cli
-from adapterkit.example import build_example
 from adapterkit.train.data import load_examples, read_records
 from adapterkit.train.evaluate import evaluate
 from adapterkit.train.base import load_base
 from adapterkit.train.loop import TrainConfig, train
 
 BIN = os.path.dirname(sys.executable)
-
-
-@pytest.fixture(scope="module")
-def example(tmp_path_factory):
-    paths = build_example(tmp_path_factory.mktemp("example"))
-    # a short held-out set keeps the per-epoch evaluation of the causal LM quick
-    lines = paths["support_casual"].read_text().splitlines()
-    paths["support_sample"] = paths["support_casual"].with_name("support_sample.jsonl")
-    paths["support_sample"].write_text("\n".join(lines[::20]) + "\n")
-    return paths
 
 
 def lm_config(example, method, **overrides):

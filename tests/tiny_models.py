@@ -30,6 +30,32 @@ def llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def causal_lm(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny causal LM of a family llama.cpp converts (llama, mistral, qwen2, qwen3, gemma, phi3), the size of
+    :func:`llama`, with its norm weights randomised too (so that a converter that mishandles them shows)."""
+    import transformers
+
+    config_class, model_class = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    }[family]
+    options = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=family == "gemma",
+                   head_dim=8)
+    if family == "phi3":
+        options.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    options.update(overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**options)).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
 def gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
@@ -51,6 +77,10 @@ def bert(seed: int = 0) -> BertModel:
 def bert_classifier(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     return BertForSequenceClassification(bert_config()).eval()
+
+
+#: the three families every kind is checked on
+MODELS = {"llama": llama, "gpt2": gpt2, "bert": bert}
 
 
 def random_lora(model: torch.nn.Module, targets: list[str], rank: int = 4, alpha: float = 8.0, seed: int = 1,

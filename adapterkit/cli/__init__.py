@@ -84,6 +84,9 @@ def _quiet_dependencies() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # numpy's floating-point warnings (overflow in a cast, ...) from adapterkit's own math: every result is checked
+    # finite and refused in one line, so the warning would only add lines around that refusal
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"adapterkit(\.|$)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,9 +110,17 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug, not bad input: still one line unless asked for the traceback
+        if _out_of_memory(exc):
+            _fail("not enough memory for this command (try a smaller batch, model or --dtype)", 1)
         if os.environ.get("ADAPTERKIT_DEBUG"):
             raise
         _fail(f"internal error: {type(exc).__name__}: {exc} (set ADAPTERKIT_DEBUG=1 for a traceback)", 2)
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """torch's allocators report no memory with a RuntimeError (torch.OutOfMemoryError on CUDA), not MemoryError."""
+    return type(exc).__name__ == "OutOfMemoryError" or (isinstance(exc, RuntimeError)
+                                                         and "can't allocate memory" in str(exc))
 
 
 def _fail(message, status: int) -> None:

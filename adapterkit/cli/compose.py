@@ -8,7 +8,7 @@ import click
 
 from adapterkit.cli.options import COUNT, WEIGHTS, Number, check_weight_count
 from adapterkit.compose import compose as compose_adapters
-from adapterkit.compose.methods import METHODS
+from adapterkit.compose.methods import METHODS, TIES_NORMALISATIONS
 from adapterkit.io.adapter_file import save
 from adapterkit.io.digest import sha256_of
 from adapterkit.kinds import get_kind
@@ -25,16 +25,20 @@ from adapterkit.sources import load_adapter, local_path
               help="Per target, the smallest rank whose relative Frobenius error is at most TOL (in [0, 1)).")
 @click.option("--density", type=Number(0, 1, low_open=True), help="ties/dare: fraction of each delta's entries to keep.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="dare: seed of the random drops.")
+@click.option("--ties-normalise", "normalise", type=click.Choice(TIES_NORMALISATIONS), default=None,
+              help="ties: divide each entry's agreeing sum by the count of agreeing inputs (count: the paper's "
+                   "disjoint mean), by the sum of their weights (weights: mergekit's ties) or not at all (none: "
+                   "mergekit's dare_ties).  [default: count]")
 @click.option("--name", default="composed", help="Name of the output component (NAME_<kind> for several kinds).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output adapter file.")
-def compose(adapters, weights, method, rank, tol, density, seed, name, output) -> None:
+def compose(adapters, weights, method, rank, tol, density, seed, normalise, name, output) -> None:
     """Combine ADAPTERS (paths or hf:// references) for one base model into one adapter file."""
     check_weight_count(weights, len(adapters))
     paths = [local_path(ref) for ref in adapters]
     sources = [{"name": os.path.basename(ref.rstrip("/")) if not ref.startswith("hf://") else ref,
                 "sha256": sha256_of(path)} for ref, path in zip(adapters, paths)]
     result = compose_adapters([load_adapter(path) for path in paths], weights, method, rank, tol, density, seed,
-                              sources, name)
+                              sources, name, normalise=normalise)
     save(result, output, inputs=paths)
     click.echo(f"wrote {output}: {', '.join(_component_line(result, c) for c in result.components)}")
     error = result.manifest.composition["error"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from adapterkit.converters.registry import FORMATS, converter, detect_format, readable, writable
+from adapterkit.cli.options import OVERWRITE
+from adapterkit.converters.registry import FORMATS, converter, detect_format, readable_format, writable
 from adapterkit.errors import RequestError
 from adapterkit.io.adapter_file import save
 from adapterkit.sources import load_adapter, local_path
@@ -17,20 +18,22 @@ from adapterkit.sources import load_adapter, local_path
               help="Output format [default: adapterkit for a foreign input; required for an adapterkit input].")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output file or folder.")
 @click.option("--base", type=click.Path(exists=True), default=None,
-              help="Base model folder: some formats need it (e.g. to fingerprint a foreign adapter).")
-def convert(source: str, target_format: str | None, output: str, base: str | None) -> None:
+              help="Base model folder: some formats need it (kohya: to resolve its module names; a diffusers "
+                   "pipeline folder or a model folder), others use it to fingerprint a foreign adapter.")
+@OVERWRITE
+def convert(source: str, target_format: str | None, output: str, base: str | None, overwrite: bool) -> None:
     source_format = detect_format(source)
     inputs = [source, *([base] if base else [])]
     if source_format == "adapterkit":
         if target_format in (None, "adapterkit"):
             raise RequestError(f"the input is already an adapterkit file: say --to {'|'.join(writable())}", source)
         path = local_path(source)
-        converter(target_format).write(load_adapter(path), output, base=base, inputs=[path, *inputs])
+        converter(target_format).write(load_adapter(path), output, base=base, inputs=[path, *inputs],
+                                       overwrite=overwrite)
     else:
+        readable_format(source_format, source)
         if target_format not in (None, "adapterkit"):
             raise RequestError(f"converting {source_format} to {target_format}: convert to adapterkit first, then "
                                f"--to {target_format}", source)
-        if source_format not in readable():
-            raise RequestError(f"{source_format} files can be written, not read", source)
         save(converter(source_format).read(source, base=base), output, inputs=inputs)
     click.echo(f"wrote {output}")

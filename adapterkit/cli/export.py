@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from onnx.defs import onnx_opset_version
 
 from adapterkit.cli.options import FORCE, OVERWRITE, WEIGHTS, Number, check_weight_count
 from adapterkit.errors import RequestError
@@ -19,7 +20,8 @@ from adapterkit.sources import local_path
               help="One graph with optional adapter inputs, plus one .onnx_adapter file per adapter to switch.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @WEIGHTS
-@click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset [default: the exporter's].")
+@click.option("--opset", type=click.IntRange(min=7, max=onnx_opset_version()), default=None,
+              help="ONNX opset [default: the exporter's].")
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch on sample inputs; exit 1 above --atol.")
 @click.option("--atol", type=Number(0, low_open=True), default=1e-4, help="Largest absolute difference --verify accepts.")
 @FORCE

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import click
 
-from adapterkit.cli.options import DTYPE, FORCE, OVERWRITE, WEIGHTS, check_weight_count
-
-OUTPUT = click.option("-o", "--output", required=True, type=click.Path(), help="Output model folder.")
+from adapterkit.cli.options import DTYPE, OVERWRITE, WEIGHTS, check_weight_count
 
 
-@click.command()
-@click.argument("base", type=click.Path(exists=True, file_okay=False))
-@click.argument("adapters", nargs=-1, required=True)
-@OUTPUT
-@WEIGHTS
-@DTYPE
-@OVERWRITE
-@FORCE
+def rewrite_command(folder: str, force_help: str):
+    """The options merge and unmerge share: a model FOLDER, ADAPTERS, the output, weights, dtype, overwrite, force."""
+    options = [
+        click.command(),
+        click.argument(folder, type=click.Path(exists=True, file_okay=False)),
+        click.argument("adapters", nargs=-1, required=True),
+        click.option("-o", "--output", required=True, type=click.Path(), help="Output model folder."),
+        WEIGHTS, DTYPE, OVERWRITE,
+        click.option("--force", is_flag=True, help=force_help),
+    ]
+
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+@rewrite_command("base", "Merge even if an adapter was made for another base (fingerprint).")
 def merge(base, adapters, output, weights, dtype, overwrite, force) -> None:
     """Fold ADAPTERS (files or hf:// refs) into the weights of the BASE model folder; write a model folder that
     from_pretrained loads. Streams tensor by tensor: memory stays near the largest tensor."""
@@ -26,14 +36,7 @@ def merge(base, adapters, output, weights, dtype, overwrite, force) -> None:
     click.echo(f"wrote {output}")
 
 
-@click.command()
-@click.argument("merged", type=click.Path(exists=True, file_okay=False))
-@click.argument("adapters", nargs=-1, required=True)
-@OUTPUT
-@WEIGHTS
-@DTYPE
-@OVERWRITE
-@click.option("--force", is_flag=True, help="Subtract even adapters the folder's merge record does not list.")
+@rewrite_command("merged", "Subtract even adapters the folder's merge record does not list.")
 def unmerge(merged, adapters, output, weights, dtype, overwrite, force) -> None:
     """Subtract ADAPTERS (merged earlier with the same --weights) from the MERGED model folder."""
     from adapterkit.merge_checkpoint import unmerge_checkpoint

@@ -55,7 +55,20 @@ def check_weight_count(weights: list[float] | None, adapters: int) -> list[float
     return weights
 
 
-COUNT = click.IntRange(min=1)
+class Count(click.IntRange):
+    """A whole number from 1 to :data:`adapterkit.values.MAX_COUNT` (click's words below the range)."""
+
+    def __init__(self):
+        super().__init__(min=1)
+
+    def convert(self, value, param, ctx):
+        result = super().convert(value, param, ctx)
+        if result > values.MAX_COUNT:
+            self.fail(f"{result} is more than {values.MAX_COUNT}, the largest count adapterkit takes", param, ctx)
+        return result
+
+
+COUNT = Count()
 WEIGHTS = click.option("--weights", type=Weights(), default=None,
                        help="One weight per adapter, comma-separated, e.g. 0.7,0.3 (negative subtracts).  "
                             "[default: 1 each]")

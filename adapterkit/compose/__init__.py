@@ -12,7 +12,8 @@ components of one kind, across the inputs, become one component of the composite
 
 All inputs must share the base fingerprint (or have none). The manifest's ``composition`` records the method, the
 sources (name, sha256, weight), the rank or tolerance and the Frobenius error of the low-rank step. Pure numpy: no
-deep-learning framework is imported.
+deep-learning framework is imported. The independent pieces (each target's LoRA math, each input's digest) run on
+``threads`` threads, numpy's BLAS on one thread each meanwhile (:mod:`adapterkit.compose.parallel`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import copy
 import logging
 from typing import Mapping, Sequence
 
-from adapterkit.adapter import Adapter, tensor_name
-from adapterkit.errors import BaseMismatchError, RequestError
+import numpy as np
+
+from adapterkit.adapter import Adapter, split_tensor_name, tensor_name
+from adapterkit.errors import BaseMismatchError, FormatError, RequestError
 from adapterkit.kinds import KINDS, get_kind
 from adapterkit.kinds.base import CompositionRequest, Part
 from adapterkit.manifest import COMPONENT_NAME, BaseModel, Manifest
+from adapterkit.compose import parallel
 from adapterkit.compose.methods import METHODS, get_method
 from adapterkit.values import check_weights, count, number
 
@@ -44,45 +48,60 @@ def compose(
     seed: int = 0,
     sources: Sequence[Mapping[str, str]] | None = None,
     name: str = "composed",
+    threads: int | None = None,
+    normalise: str | None = None,
 ) -> Adapter:
     """One adapter combining ``adapters`` with ``weights`` (default 1 each) by ``method`` (see the module docstring).
 
     ``rank`` / ``tol`` set the rank of ``svd``, ``ties`` and ``dare`` (default: the largest input rank); ``density``
-    is the kept fraction for ``ties`` and ``dare``, ``seed`` seeds DARE's random drops. ``sources`` gives each input's
+    is the kept fraction for ``ties`` and ``dare``, ``seed`` seeds DARE's random drops, ``normalise`` is what TIES
+    divides the agreeing sum by (``count``, the paper's and the default; ``weights``, mergekit's; ``none``, mergekit's
+    ``dare_ties``: see :mod:`adapterkit.compose.methods`). ``sources`` gives each input's
     ``name`` and ``sha256`` for the manifest (default: ``adapter<i>`` and a hash of its manifest and tensors).
-    ``name`` names the output component (``<name>_<kind>`` when the composite holds several kinds).
+    ``name`` names the output component (``<name>_<kind>`` when the composite holds several kinds). ``threads``: how
+    many threads to run on (default: the CPUs available; 1: the calling thread alone).
     """
     if not adapters:
         raise RequestError("nothing to compose: give at least one adapter")
     weights = check_weights(weights, len(adapters))
     method = get_method(method)
-    request = _request(method, rank, tol, density, seed)
+    request = _request(method, rank, tol, density, seed, normalise)
     if not COMPONENT_NAME.match(f"{name}_bitfit"):
         raise RequestError(f"component name {name!r} must be lower-case letters, digits and _ (at most 57 characters)")
-    sources = [dict(s) for s in sources] if sources is not None else [
-        {"name": f"adapter{i}", "sha256": a.content_sha256()} for i, a in enumerate(adapters)
-    ]
-    if len(sources) != len(adapters):
-        raise RequestError(f"got {len(sources)} sources for {len(adapters)} adapters")
-    base_model = _shared_base(adapters, [s["name"] for s in sources])
+    if sources is not None:
+        sources = [dict(s) for s in sources]
+        if len(sources) != len(adapters):
+            raise RequestError(f"got {len(sources)} sources for {len(adapters)} adapters")
+    if threads is not None:
+        threads = count(threads, "threads")
+    with parallel.workers(threads):
+        if sources is None:  # the digests run while the LoRA math does
+            digests = [parallel.submit(a.content_sha256) for a in adapters]
+            names = [f"adapter{i}" for i in range(len(adapters))]
+        else:
+            names = [s["name"] for s in sources]
+        base_model = _shared_base(adapters, names)
 
-    parts: dict[str, list[Part]] = {}
-    for adapter, source, weight in zip(adapters, sources, weights):
-        for component in adapter.components:
-            get_kind(component.kind)  # an unknown kind is refused by name
-            part = Part(source["name"], component, adapter.component_tensors(component.name), weight * component.weight)
-            parts.setdefault(component.kind, []).append(part)
+        parts: dict[str, list[Part]] = {}
+        for adapter, source_name, weight in zip(adapters, names, weights):
+            grouped = _component_tensors(adapter)
+            for component in adapter.components:
+                get_kind(component.kind)  # an unknown kind is refused by name
+                part = Part(source_name, component, grouped[component.name], weight * component.weight)
+                parts.setdefault(component.kind, []).append(part)
 
-    if not method.exact and request.rank is None and request.tol is None:
-        request.rank = _largest_rank(parts)  # PEFT's default for svd_rank too
-    components, tensors, error = [], {}, None
-    for kind_name in (k for k in KINDS if k in parts):
-        component_name = name if len(parts) == 1 else f"{name}_{kind_name}"
-        composed = KINDS[kind_name].compose(parts[kind_name], request, component_name)
-        components.append(composed.component)
-        error = composed.error if composed.error is not None else error
-        tensors.update({tensor_name(component_name, t, role): x for t, roles in composed.tensors.items()
-                        for role, x in roles.items()})
+        if not method.exact and request.rank is None and request.tol is None:
+            request.rank = _largest_rank(parts)  # PEFT's default for svd_rank too
+        components, tensors, error = [], {}, None
+        for kind_name in (k for k in KINDS if k in parts):
+            component_name = name if len(parts) == 1 else f"{name}_{kind_name}"
+            composed = KINDS[kind_name].compose(parts[kind_name], request, component_name)
+            components.append(composed.component)
+            error = composed.error if composed.error is not None else error
+            tensors.update({tensor_name(component_name, t, role): x for t, roles in composed.tensors.items()
+                            for role, x in roles.items()})
+        if sources is None:
+            sources = [{"name": n, "sha256": digest()} for n, digest in zip(names, digests)]
 
     composition = {
         "method": method.name,
@@ -91,23 +110,28 @@ def compose(
         "tolerance": request.tol,
         "error": error,
     }
-    for option in ("density", "seed"):
+    for option in ("density", "seed", "normalise"):
         if option in method.options:
             composition[option] = getattr(request, option)
     adapter = Adapter(Manifest(components, base_model=base_model, composition=composition), tensors)
-    adapter.validate()
+    try:
+        adapter.validate()
+    except FormatError as exc:  # finite inputs whose weights overflow float32 in the result
+        raise RequestError(f"the composite would not be a valid file: {exc.reason} (weights or alphas too "
+                           "large?); nothing was written") from None
     log.info("composed %d adapters by %s into %s (relative error %s)", len(adapters), method.name,
              ", ".join(f"{c.name} ({c.kind})" for c in components), error and f"{error['relative']:.3e}")
     return adapter
 
 
-def _request(method, rank, tol, density, seed) -> CompositionRequest:
+def _request(method, rank, tol, density, seed, normalise=None) -> CompositionRequest:
     """The options of a composition, each checked, for ``method``."""
-    given = {"rank": rank, "tol": tol, "density": density}
+    given = {"rank": rank, "tol": tol, "density": density, "normalise": normalise}
+    flags = {"normalise": "ties-normalise"}
     for option, value in given.items():
         if value is not None and option not in method.options:
             users = [m.name for m in METHODS.values() if option in m.options]
-            raise RequestError(f"--{option} does not apply to {method.name}"
+            raise RequestError(f"--{flags.get(option, option)} does not apply to {method.name}"
                                + (" (it is exact and keeps rank Σ rᵢ)" if method.exact else "")
                                + f": it needs --method {' or '.join(users)}")
     for option in method.required:
@@ -122,7 +146,29 @@ def _request(method, rank, tol, density, seed) -> CompositionRequest:
         density=None if density is None else number(density, "density (the fraction of entries to keep)", 0, 1,
                                                     low_open=True),
         seed=count(seed, "seed", low=0),
+        normalise=_normalisation(normalise),
     )
+
+
+def _component_tensors(adapter: Adapter) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """``{component: adapter.component_tensors(component)}`` for all of the adapter's components, in one pass over its
+    tensors."""
+    grouped: dict[str, dict[str, dict[str, np.ndarray]]] = {c.name: {} for c in adapter.components}
+    for key, tensor in adapter.tensors.items():
+        component, target, role = split_tensor_name(key)
+        if component in grouped:
+            grouped[component].setdefault(target, {})[role] = tensor
+    return grouped
+
+
+def _normalisation(normalise: str | None) -> str:
+    from adapterkit.compose.methods import TIES_NORMALISATIONS
+
+    if normalise is None:
+        return "count"
+    if normalise not in TIES_NORMALISATIONS:
+        raise RequestError(f"unknown TIES normalisation {normalise!r} (known: {', '.join(TIES_NORMALISATIONS)})")
+    return normalise
 
 
 def _shared_base(adapters: Sequence[Adapter], names: Sequence[str]) -> BaseModel:

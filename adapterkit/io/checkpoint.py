@@ -1,5 +1,6 @@
 """Lazy, read-only access to a base model's weights on disk: a Hugging Face model folder (one ``model.safetensors``
-or shards plus ``model.safetensors.index.json``) or a single ``.safetensors`` file.
+or shards plus ``model.safetensors.index.json``; a diffusers model folder's ``diffusion_pytorch_model.safetensors``
+and its index the same way) or a single ``.safetensors`` file.
 
 Every shard goes through the one safetensors parser (:mod:`adapterkit.io.safetensors`) and is memory-mapped
 copy-on-write; a tensor is a numpy view of the map, read when used, so a 70B checkpoint is processed in the memory of
@@ -20,6 +21,10 @@ from adapterkit.io.paths import open_regular
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+#: (single file, index) of a model folder: transformers' names, then diffusers'
+LAYOUTS = ((SINGLE_FILE, INDEX_FILE),
+           ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"))
+INDEX_FILES = tuple(index for _, index in LAYOUTS)
 
 
 class Shard:
@@ -43,6 +48,8 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._shards: dict[Path, Shard] = {}
+        #: the index file of a sharded folder (None for a single file)
+        self.index_name: str | None = None
         self.shard_of: dict[str, Path] = self._index()
 
     @property
@@ -56,18 +63,25 @@ class Checkpoint:
     def _index(self) -> dict[str, Path]:
         if self.path.is_file():
             return {name: self.path for name in self._open(self.path).header.entries}
-        if (self.path / INDEX_FILE).is_file():
-            try:
-                with open_regular(self.path / INDEX_FILE) as handle:
-                    weight_map = json.load(handle)["weight_map"]
-                return {name: self.path / os.path.basename(shard) for name, shard in weight_map.items()}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise FormatError(f"{INDEX_FILE} is not a safetensors index", self.path) from None
-        if (self.path / SINGLE_FILE).is_file():
-            return {name: self.path / SINGLE_FILE for name in self._open(self.path / SINGLE_FILE).header.entries}
+        for single, index in LAYOUTS:
+            if (self.path / index).is_file():
+                try:
+                    with open_regular(self.path / index) as handle:
+                        weight_map = json.load(handle)["weight_map"]
+                    self.index_name = index
+                    return {name: self.path / os.path.basename(shard) for name, shard in weight_map.items()}
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    raise FormatError(f"{index} is not a safetensors index", self.path) from None
+            if (self.path / single).is_file():
+                return {name: self.path / single for name in self._open(self.path / single).header.entries}
         if self.path.is_dir():
-            raise FormatError(f"no {SINGLE_FILE} or {INDEX_FILE} in this folder (only safetensors weights are read)",
-                              self.path)
+            from adapterkit.io.pipeline import is_pipeline
+
+            if is_pipeline(self.path):
+                raise FormatError("is a diffusers pipeline folder (model_index.json): give one of its model folders "
+                                  "(unet/, transformer/, text_encoder/)", self.path)
+            raise FormatError(f"no {SINGLE_FILE} or {INDEX_FILE} in this folder (nor diffusers' "
+                              f"{LAYOUTS[1][0]}; only safetensors weights are read)", self.path)
         if os.path.exists(self.path):
             raise FileSystemError("is not a model folder or a safetensors file", self.path)
         raise FileSystemError("no such file or folder", self.path)

@@ -31,10 +31,12 @@ writing everything and before the rename, so tests can kill it there (as SQLite'
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -72,16 +74,18 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None],
 
 @contextlib.contextmanager
 def output(path: str | os.PathLike, *, inputs: Iterable = (), folder: bool = False, overwrite: bool = False,
-           owned: Iterable[str] = (), sync: bool = False) -> Iterator[Path]:
+           owned: Iterable[str] = (), only: Iterable[str] | None = None, sync: bool = False) -> Iterator[Path]:
     """A temporary file path (or an empty temporary folder, with ``folder``) to write ``path``'s content into; it is
     renamed into place when the block ends without an error. See the module docstring for the guarantees. ``sync``
-    flushes a file to stable storage before the rename (for small, precious outputs such as trained adapters)."""
+    flushes a file to stable storage before the rename (for small, precious outputs such as trained adapters).
+    ``only``, for a folder in a format others write too (PEFT's), names every file an existing folder may hold to be
+    replaced: a folder with anything else in it is not ours."""
     path = Path(os.path.abspath(os.fspath(path)))
     refuse_overlap(path, inputs)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         with _claim(path):
-            _check_existing(path, folder, overwrite, tuple(owned))
+            _check_existing(path, folder, overwrite, tuple(owned), None if only is None else set(only))
             tmp = path.with_name(f".{_stem(path)}.{os.getpid()}{TEMPORARY}")
             _remove(tmp)
             try:
@@ -100,6 +104,20 @@ def output(path: str | os.PathLike, *, inputs: Iterable = (), folder: bool = Fal
                 raise
     except OSError as exc:
         raise _explained(exc, path) from None
+
+
+def _make_parent(path: Path) -> None:
+    """Create the output's folder; refuse, before any work, a parent that is a file and a name too long."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir(exist_ok=True) says so when the parent exists and is not a folder
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(path.parent)) from None
+    try:
+        longest = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):  # the file system does not say: the rename will tell
+        return
+    if len(os.fsencode(path.name)) > longest:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), os.fspath(path))
 
 
 def refuse_overlap(path: str | os.PathLike, inputs: Iterable) -> None:
@@ -173,6 +191,8 @@ def _clean_leftovers(path: Path) -> None:
     stem = _stem(path)
     for leftover in path.parent.glob(f".{glob_escape(stem)}.*"):
         suffix = leftover.name[len(stem) + 1:]
+        if not re.fullmatch(rf"\.\d+({re.escape(TEMPORARY)}|{re.escape(MOVED_ASIDE)})", suffix):
+            continue  # another output's (".model.v2.<pid>.adapterkit-tmp" is not the output "model"'s)
         if suffix.endswith(TEMPORARY):
             log.warning("removing %s, left by an adapterkit process that did not finish", leftover)
             _remove(leftover)
@@ -188,7 +208,7 @@ def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
-def _check_existing(path: Path, folder: bool, overwrite: bool, owned: tuple[str, ...]) -> None:
+def _check_existing(path: Path, folder: bool, overwrite: bool, owned: tuple[str, ...], only: set[str] | None) -> None:
     if not os.path.lexists(path):
         return
     if path.is_symlink() and not path.exists():
@@ -207,12 +227,40 @@ def _check_existing(path: Path, folder: bool, overwrite: bool, owned: tuple[str,
         return
     if not overwrite:
         raise FileSystemError("exists and is not an empty folder (use --overwrite to replace it)", path)
-    if owned and not any((path / name).exists() for name in owned):
-        raise FileSystemError(f"is a folder adapterkit did not write (it holds no {' or '.join(owned)}): refusing "
-                              "to replace it, even with --overwrite; remove it yourself or choose another output", path)
+    foreign = only is not None and any(entry.name not in only for entry in path.iterdir())
+    if foreign or (owned and not any((path / name).exists() for name in owned)):
+        why = "it holds other files" if foreign else f"it holds no {' or '.join(owned)}"
+        raise FileSystemError(f"is a folder adapterkit did not write ({why}): refusing to replace it, even with "
+                              "--overwrite; remove it yourself or choose another output", path)
 
 
 def _commit(tmp: Path, path: Path, folder: bool) -> None:
+    """Rename ``tmp`` into place, with termination signals held (so a folder is never left moved aside between its
+    two renames by a SIGTERM; kill -9 there is repaired by the next run, see :func:`_clean_leftovers`)."""
+    if folder:
+        _apply_umask(tmp)
+    held = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        _rename_into_place(tmp, path, folder)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give everything in ``folder`` the permissions the user's umask gives (libraries that write into it, such as
+    safetensors' writer under ``save_pretrained``, may create their files 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, folders, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            entry = os.path.join(root, name)
+            if not os.path.islink(entry):
+                os.chmod(entry, 0o666 & ~mask)
+
+
+def _rename_into_place(tmp: Path, path: Path, folder: bool) -> None:
     if not folder:
         if path.is_symlink():
             path.unlink()  # replace the link itself, never what it points to
@@ -273,7 +321,7 @@ def _signals_raise() -> Iterator[None]:
 def _explained(exc: OSError, path: Path) -> FileSystemError:
     """The OS error as one line naming the output (not its temporary)."""
     named = exc.filename
-    if named is None or f"{TEMPORARY}" in os.fspath(named) or f"{MOVED_ASIDE}" in os.fspath(named):
+    if named is None or any(suffix in os.fspath(named) for suffix in (TEMPORARY, MOVED_ASIDE, LOCK)):
         exc = OSError(exc.errno, exc.strerror)
         return FileSystemError.from_os_error(exc, path)
     return FileSystemError.from_os_error(exc, named)

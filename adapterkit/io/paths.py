@@ -29,7 +29,13 @@ def open_regular(path: str | os.PathLike, mode: str = "rb"):
     path = os.fspath(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
+    except OSError as exc:  # a socket cannot be opened at all (ENXIO): say what it is, as for a FIFO
+        try:
+            what = describe_non_regular(os.stat(path).st_mode)
+        except OSError:
+            what = None
+        if what is not None:
+            raise FileSystemError(f"is {what}, not a regular file: refusing to read it", path) from None
         raise FileSystemError.from_os_error(exc, path) from None
     try:
         what = describe_non_regular(os.fstat(fd).st_mode)

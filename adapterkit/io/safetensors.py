@@ -204,7 +204,8 @@ def _header_bytes(entries: list[tuple[str, str, list[int]]], metadata: dict[str,
 def write_file(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (numpy arrays or torch tensors) in name order, with ``metadata``, byte for byte the same for
     the same input."""
-    arrays = {name: np.ascontiguousarray(as_array(tensors[name])) for name in sorted(tensors)}
+    arrays = {name: as_array(tensors[name]) for name in sorted(tensors)}
+    arrays = {name: np.ascontiguousarray(a).reshape(a.shape) for name, a in arrays.items()}  # 0-d stays 0-d
     with StreamedWriter(path, [(n, dtype_name(a.dtype), list(a.shape)) for n, a in arrays.items()], metadata) as out:
         for name, array in arrays.items():
             out.write(name, array)
@@ -240,7 +241,8 @@ class StreamedWriter:
 
     def write(self, name: str, value) -> None:
         """Write the next tensor (a numpy array or torch tensor, of the dtype and shape announced)."""
-        array = np.ascontiguousarray(as_array(value))
+        array = as_array(value)
+        array = np.ascontiguousarray(array).reshape(array.shape)  # a 0-d tensor stays 0-d
         _, dtype, shape = self._expected[0]
         if (dtype_name(array.dtype), list(array.shape)) != (dtype, shape):
             raise ValueError(f"{name}: expected {dtype} {shape}, got {dtype_name(array.dtype)} {list(array.shape)}")
@@ -298,5 +300,8 @@ def copy_range(source: str, fd: int, begin: int, end: int) -> None:
                 _write_all(fd, chunk)
                 copied = len(chunk)
             if copied == 0:
+                if kernel:  # some file systems answer 0 rather than an error (as Go's io.Copy knows): copy by hand
+                    kernel = False
+                    continue
                 raise FormatError(f"file ends before byte {end}", source)
             begin += copied

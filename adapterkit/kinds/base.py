@@ -63,6 +63,8 @@ class CompositionRequest:
     tol: float | None = None
     density: float | None = None
     seed: int = 0
+    #: TIES: what the agreeing sum is divided by (count, weights, none; :mod:`adapterkit.compose.methods`)
+    normalise: str = "count"
 
 
 @dataclasses.dataclass

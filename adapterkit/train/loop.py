@@ -166,7 +166,7 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
         total_steps = config.steps or config.epochs * len(loader)
         epochs = math.ceil(total_steps / len(loader))
         main = procs.rank == 0
-        bar = tqdm(total=total_steps, desc=f"train {config.method}", disable=not (progress and main), leave=False)
+        bar = tqdm(total=total_steps, desc=f"train {config.method}", disable=None if progress and main else True, leave=False)  # None: only on a terminal
         step, seconds, history = 0, 0.0, []
         torch.manual_seed(config.seed)  # dropout masks follow the seed, whatever loading consumed before
         for epoch in range(epochs):

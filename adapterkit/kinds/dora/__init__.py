@@ -20,7 +20,7 @@ import math
 
 from adapterkit.errors import FormatError, RequestError
 from adapterkit.kinds.base import Kind
-from adapterkit.kinds.lora import ALPHA, RANK, check_factors
+from adapterkit.kinds.lora import ALPHA, RANK, LoRA, check_factors
 
 ROLES = ("lora_A", "lora_B", "magnitude")
 #: why a DoRA component cannot be weighted (also in the messages of attach, merge and the export)
@@ -48,20 +48,14 @@ class DoRA(Kind):
         for target in component.targets:
             roles = tensors[target]
             a, b, magnitude = roles["lora_A"], roles["lora_B"], roles["magnitude"]
-            check_factors(component, target, a, b)
+            check_factors(component, target, a, b, conv=False)
             if magnitude.ndim != 1 or magnitude.shape[0] != b.shape[0]:
                 raise FormatError(f"component {component.name!r}, target {target!r}: magnitude must be 1-D with one "
                                   f"entry per output row ([{b.shape[0]}], as lora_B {list(b.shape)}), "
                                   f"got {list(magnitude.shape)}")
 
-    def describe(self, component, tensors) -> dict:
-        return {"ranks": sorted({int(roles["lora_A"].shape[0]) for roles in tensors.values()})}
-
-    def detail(self, entry) -> str:
-        text = f"rank {'/'.join(map(str, entry['ranks']))}, alpha {entry['params'].get('alpha')}"
-        if entry["params"].get("scaling", "standard") != "standard":
-            text += f" ({entry['params']['scaling']})"
-        return text
+    describe = LoRA.describe  # the same ranks and scales on the inspect line
+    detail = LoRA.detail
 
     def compose(self, parts, request, name):
         raise RequestError(f"components of kind {self.name!r} cannot be composed: {NOT_COMPOSABLE}")

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from adapterkit import targets
 from adapterkit.arrays import to_torch
 from adapterkit.attach.wrapper import AdapterWrapper, innermost
 from adapterkit.errors import RequestError
@@ -170,15 +169,9 @@ class DoRARuntime(Runtime):
 
     # -- training -------------------------------------------------------------------------------------------------
 
-    def candidates(self, model, head):
-        return [name for name, module in model.named_modules()
-                if isinstance(module, ADAPTED) and targets.outside(name, head)]
-
-    def default_targets(self, model, head):
-        found = targets.query_value_projections(model, head)
-        if not found:
-            raise RequestError(f"found no query/value projections in {type(model).__name__}: pass --targets")
-        return found
+    # LoRA's modules and defaults: the query and value projections
+    candidates = type(LORA).candidates
+    default_targets = type(LORA).default_targets
 
     def initial(self, model, names, options, generator):
         params, target_params, tensors = LORA.initial(model, names, options, generator)

@@ -2,8 +2,14 @@
 
 ``<target>.lora_A.weight`` [r, in] and ``<target>.lora_B.weight`` [out, r] are our ``lora_A``/``lora_B``;
 embeddings store ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B`` [dim, r], whose ΔW = (B·A)ᵀ is our LoRA
-with ``fan_in_fan_out`` for that target. ``use_rslora`` is ``scaling: rslora``; ``rank_pattern``/``alpha_pattern``
-become per-target ``target_params`` (and back, one entry per target). A component weight is folded into B.
+with ``fan_in_fan_out`` for that target. Reading, ``use_rslora`` is ``scaling: rslora`` and ``rank_pattern`` /
+``alpha_pattern`` become per-target ``target_params``.
+
+Writing is portable: one ``lora_alpha``, no ``alpha_pattern``, ``use_rslora: false``, and whatever differs between
+targets (alpha, rank under rsLoRA, the component weight) folded into B (:func:`adapterkit.kinds.lora.uniform_alpha`),
+so that ΔW is exact for a reader that ignores ``alpha_pattern``, ``rank_pattern`` and ``use_rslora`` and takes each
+rank from the tensors (llama.cpp's ``convert_lora_to_gguf.py``) as well as for PEFT itself. ``rank_pattern`` is still
+written: PEFT builds its modules' shapes from it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import re
 
 import numpy as np
 
-from adapterkit.errors import FormatError, RequestError
+from adapterkit.errors import FormatError
+from adapterkit.kinds.lora import uniform_alpha
 from adapterkit.manifest import Component
 
 PEFT_TYPE = "LORA"
@@ -85,26 +92,27 @@ def _pattern_value(patterns: dict, target: str, default):
 
 
 def write(component: Component, tensors: dict, config: dict, context: dict) -> dict[str, np.ndarray]:
-    """PEFT's keys for one LoRA component, filling ``config``."""
-    config.update(r=component.params["rank"], lora_alpha=component.params["alpha"], target_modules=component.targets,
-                  use_rslora=component.params.get("scaling", "standard") == "rslora",
+    """PEFT's keys for one LoRA component, filling ``config``: one alpha, the per-target scales folded into B."""
+    ranks = {target: int(roles["lora_A"].shape[0]) for target, roles in tensors.items()}
+    alpha, factors = uniform_alpha(component, ranks, component.weight)
+    config.update(r=component.params["rank"], lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+                  target_modules=component.targets, use_rslora=False, alpha_pattern={},
                   fan_in_fan_out=bool(component.params.get("fan_in_fan_out", False)))
     context["wrapped"] = set(component.targets)
     embeddings = _embeddings(component, context.get("base"))
     out = {}
     for target, roles in tensors.items():
-        rank, alpha = component.param(target, "rank"), component.param(target, "alpha")
-        if rank != config["r"]:
-            config["rank_pattern"][target] = rank
-        if alpha != config["lora_alpha"]:
-            config["alpha_pattern"][target] = alpha
-        if component.param(target, "scaling", "standard") != component.params.get("scaling", "standard"):
-            raise RequestError(f"target {target!r} overrides the scaling rule, which PEFT cannot express")
+        if ranks[target] != config["r"]:
+            config["rank_pattern"][target] = ranks[target]
         names = ("lora_embedding_A", "lora_embedding_B") if target in embeddings else ("lora_A.weight", "lora_B.weight")
         out[f"{target}.{names[0]}"] = roles["lora_A"]
-        out[f"{target}.{names[1]}"] = (roles["lora_B"].astype(np.float32) * np.float32(component.weight)
-                                       if component.weight != 1 else roles["lora_B"])  # w·ΔW = s·(w·B)·A
+        out[f"{target}.{names[1]}"] = folded(roles["lora_B"], factors[target])
     return out
+
+
+def folded(b: np.ndarray, factor: float) -> np.ndarray:
+    """B times a scale factor (float32; B itself when the factor is 1): α/r·(f·B)·A = f·(α/r)·B·A."""
+    return b if factor == 1 else (b.astype(np.float64) * factor).astype(np.float32)
 
 
 def _embeddings(component: Component, base) -> set[str]:

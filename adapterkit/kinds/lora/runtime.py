@@ -2,14 +2,17 @@
 
 Forward (Hu et al. 2021, eq. 3): y = base(x) + (x Aᵀ)(s·w·B)ᵀ, never forming ΔW = B·A, on ``nn.Linear``,
 transformers' ``Conv1D`` (GPT-2, which stores its weight as [in, out]: the low-rank path is the same, only the base
-layout differs) and ``nn.Embedding`` (the token ids pick columns of A: F.embedding(x, Aᵀ)·Bᵀ, as PEFT does). Scaling
-the small factor B costs r·out multiplications; scaling the output would cost batch·tokens·out.
+layout differs), ``nn.Embedding`` (the token ids pick columns of A: F.embedding(x, Aᵀ)·Bᵀ, as PEFT does) and
+``nn.Conv2d`` (A [r, in, kh, kw] is a convolution with the base's stride, padding, dilation and padding mode, B
+[out, r, 1, 1] a 1×1 convolution after it, as kohya and PEFT compute it). Scaling the small factor B costs r·out
+multiplications; scaling the output would cost batch·tokens·out.
 
 Merge: W ← W + w·s·B·A in one GEMM pass over W (``addmm_``, ΔW never formed), transposed where the base stores the
-weight as [in, out] (``fan_in_fan_out``). Unmerge subtracts the same.
+weight as [in, out] (``fan_in_fan_out``); on a Conv2d, over W viewed as [out, in·kh·kw] with A and B flattened.
+Unmerge subtracts the same.
 
-Training start (PEFT's default): A ~ kaiming-uniform(a=√5) as ``nn.Linear`` initialises weights, B = 0, so ΔW = 0
-and the model starts as the base.
+Training start (PEFT's default): A ~ kaiming-uniform(a=√5) as ``nn.Linear`` (``nn.Conv2d``) initialises weights,
+B = 0, so ΔW = 0 and the model starts as the base.
 """
 
 from __future__ import annotations
@@ -27,22 +30,33 @@ from adapterkit.kinds.lora import target_scale
 from adapterkit.kinds.runtime import Runtime, in_dtype
 
 
+ADAPTED = (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv2d)
+
+
 def low_rank(base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(x Aᵀ) Bᵀ for a Linear or Conv1D; for an Embedding, each token id picks its column of A ([r, vocab]), then Bᵀ."""
+    """(x Aᵀ) Bᵀ for a Linear or Conv1D; for an Embedding, each token id picks its column of A ([r, vocab]), then Bᵀ;
+    for a Conv2d, A's convolution with the base's geometry (its own ``_conv_forward``: stride, padding, dilation,
+    padding mode), then B's 1×1 convolution."""
     if isinstance(base, torch.nn.Embedding):
         return F.embedding(x, a.T, padding_idx=base.padding_idx) @ b.T
+    if isinstance(base, torch.nn.Conv2d):
+        return F.conv2d(base._conv_forward(x, a, None), b)
     return F.linear(F.linear(x, a), b)
 
 
 def features(module: torch.nn.Module) -> tuple[int, int]:
-    """(in, out) of a module LoRA can adapt."""
+    """(in, out) of a module LoRA can adapt (channels for a Conv2d)."""
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
     if isinstance(module, torch.nn.Embedding):
         return module.num_embeddings, module.embedding_dim
-    raise RequestError(f"LoRA adapts Linear, Conv1D and Embedding modules, not {type(module).__name__}")
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1:
+            raise RequestError(f"LoRA adapts Conv2d modules with groups=1, not groups={module.groups}")
+        return module.in_channels, module.out_channels
+    raise RequestError(f"LoRA adapts Linear, Conv1D, Embedding and Conv2d modules, not {type(module).__name__}")
 
 
 class LoRARuntime(Runtime):
@@ -64,11 +78,15 @@ class LoRARuntime(Runtime):
     def check_fits(self, module, path, component, target, roles) -> None:
         from adapterkit.attach.wrapper import innermost
 
-        in_features, out_features = features(innermost(module))
+        base = innermost(module)
+        in_features, out_features = features(base)
         a, b = roles["lora_A"], roles["lora_B"]
-        if a.shape[1] != in_features or b.shape[0] != out_features:
+        conv = isinstance(base, torch.nn.Conv2d)
+        kernel = list(base.kernel_size) if conv else []
+        if a.shape[1] != in_features or b.shape[0] != out_features or list(a.shape[2:]) != kernel:
             raise RequestError(f"component {component.name!r}, target {target!r}: lora_A {list(a.shape)} and lora_B "
-                               f"{list(b.shape)} do not fit {path} ({in_features} in, {out_features} out)")
+                               f"{list(b.shape)} do not fit {path} ({in_features} in, {out_features} out"
+                               + (f", kernel {kernel}" if conv else "") + ")")
 
     def merge(self, component, target, roles, parameter, tensor, weight):
         self._add(component, target, roles, tensor, weight)
@@ -77,22 +95,28 @@ class LoRARuntime(Runtime):
         self._add(component, target, roles, tensor, -weight)
 
     def _add(self, component, target, roles, tensor, weight) -> None:
-        """tensor += w·s·B·A (or its transpose), in one GEMM pass: ΔW itself is never formed."""
+        """tensor += w·s·B·A (or its transpose), in one GEMM pass: ΔW itself is never formed. A convolution's
+        weight [out, in, kh, kw] is updated as the matrix [out, in·kh·kw] it is in memory."""
         a, b = to_torch(roles["lora_A"]).to(tensor.dtype), to_torch(roles["lora_B"]).to(tensor.dtype)
-        expected = [b.shape[0], a.shape[1]]
+        expected = [b.shape[0], *a.shape[1:]]
         transposed = bool(component.param(target, "fan_in_fan_out", False))
         if list(tensor.shape) != (expected[::-1] if transposed else expected):
             raise RequestError(f"component {component.name!r}, target {target!r}: the update is "
                                f"{expected[::-1] if transposed else expected}, the base weight {list(tensor.shape)}")
         alpha = self.scale(component, target, roles, weight)
-        if transposed:
+        if not abs(alpha) <= torch.finfo(tensor.dtype).max:  # beyond the dtype (1e300): scale B, which overflows,
+            b, alpha = b * alpha, 1.0                        # and the merge refuses the non-finite tensor by name
+        if a.ndim > 2:  # a Conv2d: A [r, in, kh, kw], B [out, r, 1, 1]; the weight is contiguous (merge's buffer)
+            tensor.view(tensor.shape[0], -1).addmm_(b.reshape(b.shape[0], b.shape[1]), a.reshape(a.shape[0], -1),
+                                                     alpha=alpha)
+        elif transposed:
             tensor.addmm_(a.T, b.T, alpha=alpha)  # ΔWᵀ = s·Aᵀ·Bᵀ
         else:
             tensor.addmm_(b, a, alpha=alpha)
 
     def candidates(self, model, head):
         return [name for name, module in model.named_modules()
-                if isinstance(module, (torch.nn.Linear, Conv1D, torch.nn.Embedding)) and targets.outside(name, head)]
+                if isinstance(module, ADAPTED) and targets.outside(name, head)]
 
     def default_targets(self, model, head):
         found = targets.query_value_projections(model, head)
@@ -106,9 +130,17 @@ class LoRARuntime(Runtime):
         for name in names:
             module = model.get_submodule(name)
             in_features, out_features = features(module)
+            if rank > min(in_features, out_features):  # more is no more expressive, only memory
+                raise RequestError(f"--rank {rank} is more than {name} can use (at most min(in, out) = "
+                                   f"{min(in_features, out_features)})")
             if isinstance(module, torch.nn.Embedding):  # PEFT: A = 0, B ~ N(0, 1) for embeddings
                 tensors[name] = {"lora_A": torch.zeros(rank, in_features),
                                  "lora_B": torch.randn(out_features, rank, generator=generator)}
+            elif isinstance(module, torch.nn.Conv2d):  # kaiming_uniform_(a=√5) as nn.Conv2d initialises its weight
+                a = torch.empty(rank, in_features, *module.kernel_size)
+                bound = 1 / math.sqrt(a[0].numel())
+                tensors[name] = {"lora_A": a.uniform_(-bound, bound, generator=generator),
+                                 "lora_B": torch.zeros(out_features, rank, 1, 1)}
             else:
                 a = torch.empty(rank, in_features)
                 bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=√5) on a [rank, in] matrix, as nn.Linear does

@@ -224,6 +224,10 @@ class PrefixRuntime(Runtime):
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         length = options["prefix_length"]
+        limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and length >= limit:
+            raise RequestError(f"--prefix-length {length} leaves no position for the tokens: the model has "
+                               f"{limit} positions")
         tensors = {name: {role: torch.randn(kv_heads, length, head_dim, generator=generator) * PREFIX_STD
                           for role in ROLES} for name in names}
         return {"prefix_length": length}, {}, tensors
