@@ -34,7 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from adapterkit.arrays import FLOAT_NAMES, as_array
-from adapterkit.errors import BaseMismatchError
+from adapterkit.errors import BaseMismatchError, RequestError
 from adapterkit.io import pipeline
 from adapterkit.io.checkpoint import Checkpoint
 
@@ -87,10 +87,15 @@ def _samples(base, excluded) -> Iterator[tuple[str, list[int], np.ndarray, np.nd
         base = pipeline.denoiser(base)
     if not isinstance(base, (str, os.PathLike)):  # a torch module
         from adapterkit.attach import is_adapter_parameter
+        from adapterkit.precision import is_quantized
 
         for name, parameter in base.named_parameters():
             if (parameter.is_floating_point() and parameter.ndim >= 2 and not _is_excluded(name, excluded)
                     and not is_adapter_parameter(parameter)):
+                if is_quantized(parameter):
+                    raise RequestError(f"{name} is held quantized: a quantized model no longer gives its weights "
+                                       "back, so it has no fingerprint; fingerprint the checkpoint it was loaded "
+                                       "from instead (attach(..., reference=folder))")
                 yield name, list(parameter.shape), as_array(parameter[0]), as_array(parameter[-1])
         return
     with Checkpoint(os.fspath(base)) as checkpoint:

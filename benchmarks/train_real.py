@@ -176,7 +176,7 @@ def main() -> None:
     config = TrainConfig("lora", "classify", train_path, held_out_path, options={"rank": RANK, "alpha": ALPHA},
                          epochs=args.epochs, batch_size=BATCH)
     rows = compare(base, config, METHODS, os.path.join(args.out, "compare"), overwrite=True, settings=SETTINGS,
-                   progress=lambda method: print(f"training {method} ...", flush=True))
+                   progress=lambda method, precision: print(f"training {method} ...", flush=True))
     print(table(rows))
     for row in rows:
         accuracy = row["eval"]["accuracy"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -143,25 +144,31 @@ class AttachedAdapters:
 
 
 def attach(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter], weights: Sequence[float] | None = None, *,
-           force: bool = False, trainable: bool = False, per_row: bool = False) -> AttachedAdapters:
+           force: bool = False, trainable: bool = False, per_row: bool = False, dtype: torch.dtype | None = None,
+           reference: str | os.PathLike | None = None) -> AttachedAdapters:
     """Attach ``adapters`` to ``model`` in place; each adapter's effect is multiplied by its weight (and by each
     component's own weight). Refuses an adapter made for another base (fingerprint) unless ``force``. The model's
     own parameters are left as they are (freeze them yourself to train only the adapters).
 
     ``per_row``: the adapters are not added up; each row of a batch uses the one :meth:`AttachedAdapters.rows` names
-    (or none)."""
+    (or none).
+    ``dtype``: the dtype of the adapter's tensors (default: the float dtype of each target module). Training over a
+    base held in a lower precision keeps them float32 (:mod:`adapterkit.precision`).
+    ``reference``: what the fingerprint check compares against: ``model`` itself (default), or the checkpoint
+    folder the model was loaded from, for a model held quantized, whose weights no longer give the folder's
+    fingerprint."""
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     weights = check_weights(weights, len(adapters))
     handle = AttachedAdapters(model, adapters, trainable, per_row)
     for index, adapter in enumerate(adapters):
         replaced = [handle.resolve(c.name, t) for c in adapter.components for t in get_kind(c.kind).replaced_targets(c)]
-        check_base(adapter, model, f"adapter {index} ({adapter.manifest.base_model.id or 'no base id'})", force,
-                   replaced=replaced)
+        check_base(adapter, model if reference is None else reference,
+                   f"adapter {index} ({adapter.manifest.base_model.id or 'no base id'})", force, replaced=replaced)
     try:
         for index, (adapter, weight) in enumerate(zip(adapters, weights)):
             for component in adapter.components:
                 _attach_component(handle, index, component, adapter.component_tensors(component.name),
-                                  weight * component.weight)
+                                  weight * component.weight, dtype)
     except BaseException:
         handle.detach()
         raise
@@ -169,7 +176,8 @@ def attach(model: torch.nn.Module, adapters: Adapter | Sequence[Adapter], weight
 
 
 def _attach_component(handle: AttachedAdapters, index: int, component: Component,
-                      tensors: Mapping[str, Mapping[str, np.ndarray]], weight: float) -> None:
+                      tensors: Mapping[str, Mapping[str, np.ndarray]], weight: float,
+                      dtype: torch.dtype | None = None) -> None:
     kind = get_kind(component.kind)
     if not kind.weighted and weight != 1:
         raise RequestError(f"component {component.name!r} is a {kind.name} with weight {weight:g}: "
@@ -187,7 +195,7 @@ def _attach_component(handle: AttachedAdapters, index: int, component: Component
             raise RequestError(f"component {component.name!r}, target {target!r}: {bad} times its scale {scale:g} "
                                "is not finite in float32; the weight or alpha is too large")
         like = _like(module)
-        parameters = {role: _parameter(array, like, handle.trainable) for role, array in roles.items()}
+        parameters = {role: _parameter(array, like, handle.trainable, dtype) for role, array in roles.items()}
         for role, parameter in parameters.items():
             handle.tensors[f"{index}/{component.name}.{target}.{role}"] = parameter
         source = AdapterTensors(parameters, handle.selection, index)
@@ -199,12 +207,15 @@ def _like(module: torch.nn.Module) -> torch.Tensor | None:
     return next((p for p in module.parameters() if p.is_floating_point()), None)
 
 
-def _parameter(array: np.ndarray, like: torch.Tensor | None, trainable: bool) -> torch.nn.Parameter:
-    """A fresh ``nn.Parameter`` holding a copy of an adapter tensor, on the device (and in the dtype) of ``like``. The
-    adapter's own tensor is never changed."""
+def _parameter(array: np.ndarray, like: torch.Tensor | None, trainable: bool,
+               dtype: torch.dtype | None = None) -> torch.nn.Parameter:
+    """A fresh ``nn.Parameter`` holding a copy of an adapter tensor, on the device of ``like``, in ``dtype`` (default:
+    ``like``'s). The adapter's own tensor is never changed."""
     tensor = to_torch(array)
     if like is not None:
-        tensor = tensor.to(device=like.device, dtype=like.dtype)
+        tensor = tensor.to(device=like.device, dtype=dtype or like.dtype)
+    elif dtype is not None:
+        tensor = tensor.to(dtype)
     parameter = torch.nn.Parameter(tensor.detach().clone(), requires_grad=trainable)
     setattr(parameter, ADAPTER_PARAMETER, True)
     return parameter

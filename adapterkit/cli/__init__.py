@@ -79,6 +79,10 @@ def _quiet_dependencies() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets its loggers' levels on import, from this variable
+    # transformers imports torchao (when installed) on loading a model: its notes about CUDA-only extensions on a CPU
+    # machine, and torch's about the enums it registers, are not adapterkit's business
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # numpy's floating-point warnings (overflow in a cast, ...) from adapterkit's own math: every result is checked

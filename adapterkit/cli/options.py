@@ -11,6 +11,7 @@ import click
 
 from adapterkit import values
 from adapterkit.errors import RequestError
+from adapterkit.precision import PRECISIONS
 
 
 class Number(click.ParamType):
@@ -77,3 +78,29 @@ OVERWRITE = click.option("--overwrite", is_flag=True,
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE = click.option("--dtype", type=click.Choice(DTYPES), default=None,
                      help="Dtype of the written weights [default: the checkpoint's].")
+
+
+class Precisions(click.ParamType):
+    """``float32,nf4``: one or more base precisions, comma-separated, each one of :data:`PRECISIONS`."""
+
+    name = "precisions"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        chosen = [p.strip() for p in value.split(",") if p.strip()]
+        unknown = [p for p in chosen if p not in PRECISIONS]
+        if unknown or not chosen:
+            self.fail(f"{unknown[0]!r} is not a base precision (known: {', '.join(PRECISIONS)})" if unknown
+                      else "name at least one base precision", param, ctx)
+        return list(dict.fromkeys(chosen))
+
+
+BASE_PRECISION_HELP = ("Precision the frozen base is held in while the adapter (float32) trains or runs on top: "
+                       "float32; bfloat16; int8 or nf4 weights in the linear layers (torchao; QLoRA's recipe). The "
+                       "adapter still belongs to the full-precision base.")
+BASE_PRECISION = click.option("--base-precision", type=click.Choice(PRECISIONS), default="float32",
+                              help=BASE_PRECISION_HELP)
+BASE_PRECISIONS = click.option("--base-precisions", type=Precisions(), default="float32",
+                               help="Comma-separated base precisions to compare each method over (" +
+                                    ", ".join(PRECISIONS) + ").")

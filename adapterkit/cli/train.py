@@ -10,7 +10,7 @@ import json
 
 import click
 
-from adapterkit.cli.options import COUNT, FORCE, OVERWRITE, Number
+from adapterkit.cli.options import BASE_PRECISION, BASE_PRECISIONS, COUNT, FORCE, OVERWRITE, Number
 from adapterkit.kinds import KINDS, trainable_kinds
 from adapterkit.train.base import TASKS
 
@@ -68,9 +68,10 @@ def kind_options(command):
                    ", ".join(f"{k} {KINDS[k].default_lr:g}" for k in trainable_kinds()) + "]")
 @BATCH_SIZE
 @SEED
+@BASE_PRECISION
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output adapter file.")
 def train(base, method, task, data, eval_data, text_field, label_field, targets, epochs, steps, lr, batch_size, seed,
-          output, **options) -> None:
+          base_precision, output, **options) -> None:
     """Train a new adapter on the model folder BASE (also under `torchrun --nproc_per_node N --no-python`)."""
     from adapterkit.io.adapter_file import save
     from adapterkit.io.outputs import refuse_overlap
@@ -79,13 +80,14 @@ def train(base, method, task, data, eval_data, text_field, label_field, targets,
     inputs = [base, data, *([eval_data] if eval_data else [])]
     refuse_overlap(output, inputs)  # before training, not after
     config = TrainConfig(method, task, data, eval_data, text_field, label_field, _split(targets), options, epochs,
-                         steps, lr, batch_size, seed)
+                         steps, lr, batch_size, seed, base_precision)
     result = run_training(base, config, on_eval=lambda epoch, m: click.echo(f"epoch {epoch}: {format_metrics(m)}"))
     if not result.is_main:
         return
     save(result.adapter, output, inputs=inputs)
+    over = "" if base_precision == "float32" else f", the base held in {base_precision}"
     click.echo(f"wrote {output}: {method}, {result.adapter.parameter_count():,} parameters, {result.steps} steps "
-               f"in {result.seconds:.1f} s")
+               f"in {result.seconds:.1f} s{over}")
 
 
 @click.command()
@@ -96,14 +98,16 @@ def train(base, method, task, data, eval_data, text_field, label_field, targets,
 @TEXT_FIELD
 @LABEL_FIELD
 @click.option("--batch-size", type=COUNT, default=32)
+@BASE_PRECISION
 @FORCE
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(base, adapters, task, data, text_field, label_field, batch_size, force, as_json) -> None:
+def evaluate(base, adapters, task, data, text_field, label_field, batch_size, base_precision, force, as_json) -> None:
     """Loss (and accuracy for classify) of BASE with ADAPTERS (paths or hf:// references) attached."""
     from adapterkit.sources import load_adapters
     from adapterkit.train.evaluate import evaluate_adapters
 
-    metrics = evaluate_adapters(base, load_adapters(adapters), task, data, text_field, label_field, batch_size, force)
+    metrics = evaluate_adapters(base, load_adapters(adapters), task, data, text_field, label_field, batch_size, force,
+                                base_precision)
     click.echo(json.dumps(metrics, sort_keys=True) if as_json else format_metrics(metrics))
 
 
@@ -118,13 +122,15 @@ def evaluate(base, adapters, task, data, text_field, label_field, batch_size, fo
 @click.option("--steps", type=COUNT, default=50, help="Optimiser steps per method (the shared budget).")
 @BATCH_SIZE
 @SEED
+@BASE_PRECISIONS
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder for the adapters, compare.json and compare.png.")
 @OVERWRITE
-def compare(base, task, data, eval_data, methods, text_field, label_field, steps, batch_size, seed, output,
-            overwrite) -> None:
+def compare(base, task, data, eval_data, methods, text_field, label_field, steps, batch_size, seed, base_precisions,
+            output, overwrite) -> None:
     """Train each method on BASE under one budget and compare storage, training memory, time per step, eval
-    quality and inference latency (Lialin et al. 2023). Each method runs in its own process."""
+    quality and inference latency (Lialin et al. 2023), over each base precision: with the peak training memory,
+    the memory of the weights as held, and their ratio. Each method and precision runs in its own process."""
     import os
 
     from adapterkit.train import compare as comparison
@@ -137,7 +143,8 @@ def compare(base, task, data, eval_data, methods, text_field, label_field, steps
                                  if unknown else "name at least one method", param_hint="--methods")
     config = TrainConfig("lora", task, data, eval_data, text_field, label_field, steps=steps, batch_size=batch_size,
                          seed=seed)
-    rows = comparison.compare(base, config, chosen, output, progress=lambda m: click.echo(f"training {m} ...", err=True),
-                              overwrite=overwrite)
+    rows = comparison.compare(base, config, chosen, output,
+                              progress=lambda m, p: click.echo(f"training {m} over {p} ...", err=True),
+                              overwrite=overwrite, precisions=base_precisions)
     click.echo(comparison.table(rows))
     click.echo(f"wrote {os.path.join(output, comparison.RESULTS)} and {comparison.PLOT}")

@@ -27,6 +27,15 @@ from adapterkit.manifest import Component
 Roles = Mapping[str, torch.Tensor]
 
 
+def in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` where it is a floating-point tensor of another dtype (token ids stay as they are). An adapter
+    trained in float32 over a base held in bfloat16 computes in its own dtype and gives the module's output back in
+    the base's; where the dtypes agree (float32 attach, the ONNX export) nothing is converted."""
+    if x.is_floating_point() and x.dtype != dtype:
+        return x.to(dtype)
+    return x
+
+
 class Runtime:
     """The torch side of a kind. Subclasses override what their kind does."""
 

@@ -31,8 +31,14 @@ class LoadedBase:
     head: list[str]  # module paths of the newly initialised head
 
 
-def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = None, seed: int = 0) -> LoadedBase:
-    """The model of ``path`` (an HF folder) for ``task``, its tokenizer, and its head modules, on the CPU in float32."""
+def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = None, seed: int = 0,
+              precision: str = "float32") -> LoadedBase:
+    """The model of ``path`` (an HF folder) for ``task``, its tokenizer, and its head modules, on the CPU, held in
+    ``precision`` (:mod:`adapterkit.precision`: ``float32``, ``bfloat16``, or ``int8`` / ``nf4`` weights in the linear
+    layers, quantized after a float32 load; the head stays as initialised)."""
+    from adapterkit.precision import check, compute_dtype, hold, is_quantized_precision
+
+    check(precision)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = os.fspath(path)
@@ -49,7 +55,8 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
     model_class = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     torch.manual_seed(seed)  # the head's initialisation
     try:
-        model, info = model_class.from_pretrained(path, output_loading_info=True, dtype=torch.float32, **options)
+        model, info = model_class.from_pretrained(path, output_loading_info=True, dtype=compute_dtype(precision),
+                                                  **options)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise FormatError(f"cannot load the base model for {task}: {exc}", path) from None
@@ -61,6 +68,8 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
     head = sorted({name.rpartition(".")[0] for name in info.get("missing_keys", ()) if name in parameters})
     if head:
         log.info("new head modules (trained in full, saved with the adapter): %s", ", ".join(head))
+    if is_quantized_precision(precision):
+        hold(model.requires_grad_(False), precision, keep=head)
     return LoadedBase(model, tokenizer, head)
 
 

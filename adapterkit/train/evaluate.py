@@ -48,16 +48,20 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Examples, task: str, b
 
 
 def evaluate_adapters(base, adapters: list, task: str, data, text_field: str = "text", label_field: str = "label",
-                      batch_size: int = 32, force: bool = False) -> dict[str, float]:
+                      batch_size: int = 32, force: bool = False, precision: str = "float32") -> dict[str, float]:
     """Metrics of the base model folder ``base`` with ``adapters`` attached, on the records of ``data``. Class ids
-    follow the labels recorded at training (``training.labels``), else the sorted labels of ``data``."""
+    follow the labels recorded at training (``training.labels``), else the sorted labels of ``data``. The base is held
+    in ``precision`` (:mod:`adapterkit.precision`), the adapters' tensors in float32 over it, as in training."""
     from adapterkit.attach import attach
+    from adapterkit.precision import is_quantized_precision
     from adapterkit.train.base import load_base
     from adapterkit.train.data import load_examples
 
     trained_labels = next((a.manifest.training["labels"] for a in adapters
                            if a.manifest.training and a.manifest.training.get("labels")), None)
     examples = load_examples(data, text_field, label_field if task == "classify" else None, trained_labels)
-    loaded = load_base(base, task, examples.labels)
-    with attach(loaded.model, adapters, force=force):
+    loaded = load_base(base, task, examples.labels, precision=precision)
+    low = precision != "float32"
+    with attach(loaded.model, adapters, force=force, dtype=torch.float32 if low else None,
+                reference=base if is_quantized_precision(precision) else None):
         return evaluate(loaded.model, loaded.tokenizer, examples, task, batch_size)

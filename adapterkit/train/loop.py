@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from adapterkit import precision
 from adapterkit.adapter import Adapter
 from adapterkit.attach import attach
 from adapterkit.errors import RequestError
@@ -56,6 +57,8 @@ class TrainConfig:
     lr: float | None = None  # None: the method's default (its kind's default_lr)
     batch_size: int = 16  # global: split across processes
     seed: int = 0
+    #: the precision the frozen base is held in (adapterkit.precision): float32, bfloat16, int8 or nf4
+    base_precision: str = "float32"
 
     def checked(self) -> "TrainConfig":
         """This config with every number checked (counts ≥ 1, finite rates in range) before any work starts."""
@@ -70,7 +73,8 @@ class TrainConfig:
             self, options=options, epochs=count(self.epochs, "--epochs"),
             steps=None if self.steps is None else count(self.steps, "--steps"),
             lr=None if self.lr is None else number(self.lr, "--lr", 0, 10, low_open=True),
-            batch_size=count(self.batch_size, "--batch-size"), seed=count(self.seed, "--seed", low=0))
+            batch_size=count(self.batch_size, "--batch-size"), seed=count(self.seed, "--seed", low=0),
+            base_precision=precision.check(self.base_precision))
 
 
 @dataclass
@@ -136,7 +140,7 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
         if config.batch_size % procs.world_size:
             raise RequestError(f"batch size {config.batch_size} does not split evenly over {procs.world_size} "
                                "processes")
-        loaded = load_base(base, config.task, examples.labels, config.seed)
+        loaded = load_base(base, config.task, examples.labels, config.seed, config.base_precision)
         model = loaded.model.to(procs.device).requires_grad_(False).train()
         components, tensors = new_components(
             model, config.method, targets=config.targets, options=config.options, head=loaded.head,
@@ -145,7 +149,10 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
         if get_kind(config.method).replaces:  # every base tensor is replaced: there is no base left to check
             base_model.fingerprint, base_model.fingerprints = None, {}
         adapter = Adapter(Manifest(components=components, base_model=base_model), tensors)
-        handle = attach(model, adapter, trainable=True)  # also checks the model against the folder's fingerprint
+        # The adapter's tensors train in float32 over any precision. Attach also checks the model against the folder's
+        # fingerprint; a model held quantized no longer gives its weights back, so then the folder is checked.
+        quantized = precision.is_quantized_precision(config.base_precision)
+        handle = attach(model, adapter, trainable=True, dtype=torch.float32, reference=base if quantized else None)
         parameters = list(handle.parameters())
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
 
@@ -196,7 +203,7 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
 def training_record(config: TrainConfig, lr: float, steps: int, epochs: int, labels, history) -> dict:
     record = {
         "method": config.method, "task": config.task, "steps": steps, "epochs": epochs, "lr": lr,
-        "batch_size": config.batch_size, "seed": config.seed,
+        "batch_size": config.batch_size, "seed": config.seed, "base_precision": config.base_precision,
         "data": {"file": os.path.basename(config.data), "sha256": sha256_of(config.data)},
     }
     if config.eval_data:

@@ -35,7 +35,7 @@ from adapterkit.attach.wrapper import AdapterWrapper, Derived, Entry, innermost,
 from adapterkit.errors import RequestError
 from adapterkit.kinds.adapter import (DEFAULT_NON_LINEARITY, NON_LINEARITIES, ROLES, bottleneck_size,
                                       non_linearity_name)
-from adapterkit.kinds.runtime import Runtime
+from adapterkit.kinds.runtime import Runtime, in_dtype
 
 #: f by name (transformers' ACT2FN functions: gelu is the exact erf form, gelu_new the tanh approximation)
 FUNCTIONS = {
@@ -99,8 +99,9 @@ class BottleneckRuntime(Runtime):
         up, up_bias = tensors["up"], tensors["up_bias"]
         if scale != 1.0:
             up, up_bias = up * scale, up_bias * scale
-        hidden = activate(F.linear(y, tensors["down"], tensors["down_bias"]), tensors[SELECTOR])
-        return y + F.linear(hidden, up, up_bias)
+        down = tensors["down"]
+        hidden = activate(F.linear(in_dtype(y, down.dtype), down, tensors["down_bias"]), tensors[SELECTOR])
+        return y + in_dtype(F.linear(hidden, up, up_bias), y.dtype)
 
     def fold(self, component, target, roles, weight):
         """w folded into the up-projection and its bias (f sits after the down-projection: not there), and f as one

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from adapterkit import targets
 from adapterkit.arrays import to_torch
 from adapterkit.errors import RequestError
-from adapterkit.kinds.runtime import Runtime
+from adapterkit.kinds.runtime import Runtime, in_dtype
 
 
 def output_size(module: torch.nn.Module) -> int | None:
@@ -33,7 +33,7 @@ class BitFitRuntime(Runtime):
     merged_parameters = ("bias",)
 
     def after(self, base, x, y, tensors, scale):
-        return y + (tensors["bias"] if scale == 1.0 else tensors["bias"] * scale)
+        return in_dtype(y + (tensors["bias"] if scale == 1.0 else tensors["bias"] * scale), y.dtype)
 
     def check_fits(self, module, path, component, target, roles) -> None:
         from adapterkit.attach.wrapper import innermost

@@ -29,7 +29,7 @@ from adapterkit.kinds.dora import UNWEIGHTED
 from adapterkit.kinds.lora import target_scale
 from adapterkit.kinds.lora.runtime import RUNTIME as LORA
 from adapterkit.kinds.lora.runtime import low_rank
-from adapterkit.kinds.runtime import Runtime
+from adapterkit.kinds.runtime import Runtime, in_dtype
 
 ADAPTED = (torch.nn.Linear, Conv1D, torch.nn.Embedding)
 
@@ -48,10 +48,20 @@ def features(module: torch.nn.Module) -> tuple[int, int]:
     return in_features, out_features
 
 
+def dense_math_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The module's weight in the math layout as a plain tensor in ``dtype``: a weight held quantized
+    (:mod:`adapterkit.precision`) is dequantized, as PEFT's DoRA does over a quantized base."""
+    from adapterkit.precision import dense
+
+    weight = dense(module.weight.detach(), dtype)
+    return weight.T if isinstance(module, (Conv1D, torch.nn.Embedding)) else weight
+
+
 def row_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """‖W + B·A‖ per output row (``b`` holds the scale), from detached tensors: no gradient flows through it."""
-    directed = weight.detach() + b.detach() @ a.detach()
-    return torch.linalg.norm(directed, dim=1).to(weight.dtype)
+    """‖W + B·A‖ per output row (``b`` holds the scale), from detached tensors, in the adapter's dtype: no gradient
+    flows through it."""
+    directed = in_dtype(weight.detach(), a.dtype) + b.detach() @ a.detach()
+    return torch.linalg.norm(directed, dim=1)
 
 
 class DoRARuntime(Runtime):
@@ -67,15 +77,15 @@ class DoRARuntime(Runtime):
         a, b, magnitude = tensors["lora_A"], tensors["lora_B"], tensors["magnitude"]
         if scale != 1.0:
             b = b * scale
-        weight = math_weight(module)
-        g = magnitude / row_norm(weight, a, b)
+        g = magnitude / row_norm(dense_math_weight(module, a.dtype), a, b)
         if not self.first:
             product = (F.embedding(x, module.weight, padding_idx=module.padding_idx)
-                       if isinstance(module, torch.nn.Embedding) else F.linear(x, weight))
+                       if isinstance(module, torch.nn.Embedding) else F.linear(x, math_weight(module)))
         else:
             bias = getattr(module, "bias", None)
             product = y if bias is None else y - bias
-        return y + (g - 1) * product + g * low_rank(module, x, a, b)
+        change = (g - 1) * in_dtype(product, a.dtype) + g * low_rank(module, in_dtype(x, a.dtype), a, b)
+        return y + in_dtype(change, y.dtype)
 
     def scale(self, component, target, roles, weight) -> float:
         return target_scale(component, target, roles["lora_A"].shape[0]) * weight
@@ -93,8 +103,7 @@ class DoRARuntime(Runtime):
 
     def empty(self, role, example, module):
         if role == "magnitude":  # m = ‖W‖ with rank 0: g = 1, the base
-            weight = math_weight(innermost(module)).detach().float()
-            return torch.linalg.norm(weight, dim=1)
+            return torch.linalg.norm(dense_math_weight(innermost(module), torch.float32), dim=1)
         return super().empty(role, example, module)
 
     def check_fits(self, module, path, component, target, roles) -> None:
@@ -168,7 +177,7 @@ class DoRARuntime(Runtime):
     def initial(self, model, names, options, generator):
         params, target_params, tensors = LORA.initial(model, names, options, generator)
         for name, roles in tensors.items():  # B·A = 0 at the start (B = 0, or A = 0 on embeddings): m = ‖W‖, g = 1
-            roles["magnitude"] = torch.linalg.norm(math_weight(model.get_submodule(name)).detach().float(), dim=1)
+            roles["magnitude"] = torch.linalg.norm(dense_math_weight(model.get_submodule(name), torch.float32), dim=1)
         return params, target_params, tensors
 
 

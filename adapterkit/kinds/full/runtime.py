@@ -17,7 +17,7 @@ from adapterkit import targets
 from adapterkit.arrays import to_torch
 from adapterkit.attach.wrapper import ADAPTER_PARAMETER, Derived, innermost
 from adapterkit.errors import RequestError
-from adapterkit.kinds.runtime import Runtime
+from adapterkit.kinds.runtime import Runtime, in_dtype
 
 
 class Replaced(torch.nn.Module):
@@ -31,7 +31,15 @@ class Replaced(torch.nn.Module):
         self.source = source
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return self.source.tensors()[self.name]
+        # in the dtype the module computes in (a float32 tensor over a base held in bfloat16 is used in bfloat16; a
+        # quantized base weight computes in float32)
+        return in_dtype(self.source.tensors()[self.name], _compute_dtype(original))
+
+
+def _compute_dtype(original: torch.Tensor) -> torch.dtype:
+    from adapterkit.precision import is_quantized
+
+    return torch.float32 if is_quantized(original) else original.dtype
 
 
 def _aliases(model: torch.nn.Module, parameter: torch.nn.Parameter) -> list[tuple[torch.nn.Module, str]]:
@@ -119,7 +127,9 @@ class FullRuntime(Runtime):
         return [name for name, _ in model.named_modules() if name in owners and targets.outside(name, head)]
 
     def initial(self, model, names, options, generator):
-        tensors = {name: {parameter: value.detach().to("cpu", torch.float32, copy=True)
+        from adapterkit.precision import dense
+
+        tensors = {name: {parameter: dense(value.detach(), torch.float32).to("cpu", copy=True)
                           for parameter, value in model.get_submodule(name).named_parameters(recurse=False)}
                    for name in names}
         return {}, {}, tensors

@@ -30,7 +30,7 @@ from adapterkit import targets
 from adapterkit.arrays import to_torch
 from adapterkit.errors import RequestError
 from adapterkit.kinds.ia3 import FLAGS, ROLE, common, fan_in_fan_out, feedforward
-from adapterkit.kinds.runtime import Runtime
+from adapterkit.kinds.runtime import Runtime, in_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ class IA3Runtime(Runtime):
         vector = tensors.get(self.input_role) if self.input_role else None
         if vector is None:
             return x
-        return x * (vector if scale == 1.0 else vector * scale)
+        return in_dtype(x * (vector if scale == 1.0 else vector * scale), x.dtype)
 
     def after(self, base, x, y, tensors, scale):
         vector = tensors.get(self.output_role) if self.output_role else None
         if vector is None:
             return y
-        return y * (vector if scale == 1.0 else vector * scale)
+        return in_dtype(y * (vector if scale == 1.0 else vector * scale), y.dtype)
 
     def fold(self, component, target, roles, weight):
         scale = self.scale(component, target, roles, weight)

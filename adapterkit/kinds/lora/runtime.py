@@ -28,7 +28,7 @@ from adapterkit.arrays import to_torch
 from adapterkit.attach.wrapper import innermost
 from adapterkit.errors import RequestError
 from adapterkit.kinds.lora import target_scale
-from adapterkit.kinds.runtime import Runtime
+from adapterkit.kinds.runtime import Runtime, in_dtype
 
 
 ADAPTED = (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv2d)
@@ -65,8 +65,9 @@ class LoRARuntime(Runtime):
     merged_parameters = ("weight",)
 
     def after(self, base, x, y, tensors, scale):
+        a = tensors["lora_A"]
         b = tensors["lora_B"] if scale == 1.0 else tensors["lora_B"] * scale
-        return y + low_rank(base, x, tensors["lora_A"], b)
+        return y + in_dtype(low_rank(base, in_dtype(x, a.dtype), a, b), y.dtype)
 
     def after_each(self, base, x, y, parts, memo):
         """A mixed batch (every entry on its own rows): all adapters in one gathered product, as Punica's BGMV does.

@@ -33,7 +33,7 @@ from adapterkit import targets
 from adapterkit.attach.wrapper import innermost
 from adapterkit.errors import RequestError
 from adapterkit.kinds.prefix import ROLES
-from adapterkit.kinds.runtime import Runtime
+from adapterkit.kinds.runtime import Runtime, in_dtype
 
 IMPLEMENTATION_PREFIX = "adapterkit_prefix_"
 #: initial keys and values ~ N(0, 0.02²): near-zero keys attract little attention, so training starts near the base
@@ -80,8 +80,9 @@ class PrefixStore(torch.nn.Module):
             return self._extend_rows(query, key, value, attention_mask, sliding_window)
         held = [source.tensors() for source in self.sources]
         batch, tokens = key.shape[0], key.shape[2]
-        key = torch.cat([*(t["prefix_key"].expand(batch, -1, -1, -1) for t in held), key], dim=2)
-        value = torch.cat([*(t["prefix_value"].expand(batch, -1, -1, -1) for t in held), value], dim=2)
+        key = torch.cat([*(in_dtype(t["prefix_key"], key.dtype).expand(batch, -1, -1, -1) for t in held), key], dim=2)
+        value = torch.cat([*(in_dtype(t["prefix_value"], value.dtype).expand(batch, -1, -1, -1) for t in held), value],
+                          dim=2)
         return key, value, _extend_mask(attention_mask, self.length, query.shape[2], tokens, sliding_window)
 
 

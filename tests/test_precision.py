@@ -1,0 +1,144 @@
+"""Training over a frozen base held in float32, bfloat16, int8 or nf4 (``--base-precision``): the loss falls over each,
+the adapter attaches to the float32 base with no ``--force``, the manifest records the full-precision base's
+fingerprints and the precision; the quantized weights against hand-made references; the int8 linear keeps no
+float32 copy of its weight for the backward pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+import adapterkit
+from adapterkit import precision
+from adapterkit.attach import attach
+from adapterkit.cli import cli
+from adapterkit.kinds import KINDS, trainable_kinds
+from adapterkit.example import build_example
+from adapterkit.train.base import load_base
+from adapterkit.train.data import load_examples
+from adapterkit.train.evaluate import evaluate
+from adapterkit.train.loop import TrainConfig, train
+
+pytest.importorskip("torchao")
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    paths = build_example(tmp_path_factory.mktemp("example"))
+    lines = paths["support_casual"].read_text().splitlines()
+    paths["support_sample"] = paths["support_casual"].with_name("support_sample.jsonl")
+    paths["support_sample"].write_text("\n".join(lines[::20]) + "\n")
+    return paths
+
+
+#: every kind that trains over a base it keeps (``full`` replaces the base's tensors: nothing stays frozen)
+METHODS = [name for name in trainable_kinds() if not KINDS[name].replaces]
+
+
+@pytest.fixture(scope="module")
+def runs(example):
+    """{(method, precision): train result}: 12 steps on the tiny causal LM; {precision: loss of the base alone}."""
+    held_out = load_examples(example["support_sample"])
+    results, alone = {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: a second thread only waits (10x slower on a loaded 2-core machine)
+    try:
+        _train_all(example, held_out, results, alone)
+    finally:
+        torch.set_num_threads(threads)
+    return results, alone
+
+
+def _train_all(example, held_out, results, alone):
+    for name in precision.PRECISIONS:
+        base = load_base(example["llama"], "causal-lm", precision=name)
+        alone[name] = evaluate(base.model, base.tokenizer, held_out, "causal-lm")["loss"]
+        for method in METHODS:
+            config = TrainConfig(method, "causal-lm", str(example["support_casual"]), str(example["support_sample"]),
+                                 steps=12, batch_size=8, lr=4e-2 if method == "ia3" else 1e-2, base_precision=name)
+            results[method, name] = train(example["llama"], config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def float32_base(example):
+    base = load_base(example["llama"], "causal-lm")
+    held_out = load_examples(example["support_sample"])
+    return base, held_out, evaluate(base.model, base.tokenizer, held_out, "causal-lm")["loss"]
+
+
+@pytest.mark.parametrize("name", precision.PRECISIONS)
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_falls_over_each_precision_and_the_adapter_belongs_to_the_float32_base(example, runs, float32_base,
+                                                                                     method, name):
+    result, before = runs[0][method, name], runs[1][name]
+    after = result.history[-1]["loss"]
+    assert after < before - 0.02, (before, after)  # (IA)³ moves slowest: 4.22 -> 4.18
+    manifest = result.adapter.manifest
+    assert manifest.training["base_precision"] == name and manifest.training["method"] == method
+    # the fingerprints are those of the full-precision folder, whatever the precision trained over
+    assert manifest.base_model.fingerprint == adapterkit.fingerprint(example["llama"], algorithm="fp1")
+    assert manifest.base_model.fingerprints == {"fp2": adapterkit.fingerprint(example["llama"])}
+    assert {t.dtype.name for t in result.adapter.tensors.values()} == {"float32"}
+    # attached to the float32 base, no force: it lowers that base's loss too
+    base, held_out, alone = float32_base
+    with attach(base.model, result.adapter):
+        attached = evaluate(base.model, base.tokenizer, held_out, "causal-lm")["loss"]
+    assert attached < alone - 0.02, (alone, attached)
+
+
+def test_int8_and_nf4_weights_against_hand_made_references():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 128)
+    # int8: one scale per output row, symmetric over [-128, 127] (absmax / 127.5), rounded to the nearest step
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127.5
+    reference = torch.clamp(torch.round(weight / scale), -128, 127) * scale
+    int8 = precision.quantize_weight(weight, "int8")
+    value = precision.dense(int8, torch.float32)
+    assert bool(((value - weight).abs() <= 0.5 * scale * 1.001).all())  # within half a step of the weight
+    assert (value - reference).abs().gt(1e-6).float().mean() < 0.01  # the hand-made steps, but for rare ties
+    # nf4: every value within half the widest gap of the 16 NormalFloat levels times its block's absmax
+    nf4 = precision.quantize_weight(weight, "nf4")
+    blocks = weight.reshape(-1, precision.NF4_BLOCK).abs().amax(dim=1, keepdim=True)
+    error = (precision.dense(nf4, torch.float32) - weight).reshape(-1, precision.NF4_BLOCK).abs()
+    assert bool((error <= 0.17 * blocks * 1.01).all())  # widest NF4 gap: 1.0 - 0.7230 = 0.277, halved, + scale error
+    assert precision.quantize_weight(torch.randn(3, 5), "nf4") is None  # not whole blocks: left in float32
+
+
+def test_int8_linear_gives_the_dequantized_gradient_and_saves_no_float32_weight():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(64, 32)
+    counts = precision.hold(module_holder := torch.nn.Sequential(module), "int8")
+    assert counts == {"quantized": 1, "kept": 0} and isinstance(module_holder[0], torch.nn.Linear)
+    dequantized = precision.dense(module.weight, torch.float32)
+    x = torch.randn(4, 7, 64, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    weights = [t for t in saved if t.shape == (32, 64)]
+    assert weights and all(precision.is_quantized(t) for t in weights), [type(t) for t in saved]  # the int8 one only
+    y.pow(2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    F.linear(x_ref, dequantized, module.bias.detach()).pow(2).sum().backward()
+    torch.testing.assert_close(y, F.linear(x_ref, dequantized, module.bias.detach()), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_over_a_precision_and_a_bad_precision_is_one_line(example, runs, tmp_path):
+    path = tmp_path / "nf4.safetensors"
+    adapterkit.save(runs[0]["lora", "nf4"].adapter, path)
+    common = ["evaluate", str(example["llama"]), str(path), "--data", str(example["support_sample"]), "--json"]
+    result = CliRunner().invoke(cli, [*common, "--base-precision", "nf4"])
+    assert result.exit_code == 0, result.output
+    # the loss training reported at its last evaluation, over the same nf4 base
+    assert json.loads(result.stdout)["loss"] == pytest.approx(runs[0]["lora", "nf4"].history[-1]["loss"], rel=1e-4)
+    bad = CliRunner().invoke(cli, [*common, "--base-precision", "fp3"])
+    assert bad.exit_code == 2 and "fp3" in bad.output
