@@ -1,8 +1,9 @@
-"""AdapterHub bottleneck adapters (the ``adapters`` library, ``model.save_adapter(folder, name, use_safetensors=True)``)
-to adapterkit's ``adapter`` kind.
+"""AdapterHub adapters (the ``adapters`` library, ``model.save_adapter(folder, name, use_safetensors=True)``) to
+adapterkit: bottleneck adapters as the ``adapter`` kind, LoRA (``LoRAConfig``) as ``lora`` and (IA)³ (``IA3Config``)
+as ``ia3``.
 
 A folder holds ``adapter_config.json`` (``{"config": {...}, "model_type", "model_class", "name", ...}``) and
-``adapter.safetensors``, whose keys name the layer, the place and the adapter:
+``adapter.safetensors``. A bottleneck adapter's keys name the layer, the place and the adapter:
 
     <layer>.attention.output.adapters.<name>.adapter_down.0.weight     BERT-like models: after the attention output
     <layer>.output.adapters.<name>.adapter_up.bias                     BERT-like models: after the feed-forward output
@@ -20,7 +21,24 @@ h + W_up·f(W_down·h + b_down) + b_up (AdapterHub's ``Adapter.pre_forward``/``f
 false (``DoubleSeqBnConfig``, Houlsby's; ``SeqBnConfig(original_ln_before=False)``), ``original_ln_after`` true, no
 adapter layer norms, gating, PHM layers, invertible adapters or parallel adapters. The stock ``SeqBnConfig``
 (``seq_bn``, Pfeiffer's) has ``original_ln_before`` true: its adapter reads LayerNorm(h + residual) but adds to h,
-which is no adapter after one module; it is refused, saying so. ``pytorch_adapter.bin`` (pickle) is never read.
+which is no adapter after one module; it is refused, saying so.
+
+A LoRA or (IA)³ (``"architecture": "lora"``) wraps linear modules (``attn_matrices`` of the attention with
+``selfattn_lora``, the feed-forward's first layer with ``intermediate_lora``, its second with ``output_lora``); its
+keys are ``<module>.loras.<name>.lora_A`` [r, in] and ``lora_B`` [out, r], and the target is that module
+(``adapters/methods/lora.py``):
+
+- ``composition_mode`` "add" (``LoRA``): y = W x + b + α/r·B·A·x, adapterkit's ``lora`` with rank r and alpha α
+  (dropout acts in training only). GPT-2's fused ``c_attn`` (``LoRAMergedLinear``) holds A [n·r, in] and
+  B [n·d, r] for the n of q, k, v that ``attn_matrices`` enables, group g of A's rows feeding the g-th enabled third:
+  it reads as one LoRA of rank n·r whose B [3d, n·r] is that block matrix (zero in the other thirds), alpha n·α;
+- ``composition_mode`` "scale" (``IA3``, r = 1, no ``lora_A``): y = (W x + b) ⊙ α·l with l = ``lora_B``, the
+  module's output scaled (keys, values, and the feed-forward's first layer's output, before its activation), which
+  is adapterkit's ``ia3`` with ``feedforward`` false on every target; on a fused ``c_attn`` the thirds not enabled
+  are scaled by α (AdapterHub pads them with 1).
+
+Gating (``use_gating``), DoRA (``use_dora``), VeRA (``vera_d``/``vera_b``), other composition modes and other
+architectures (prefix tuning, ReFT, ...) are refused in one line. ``pytorch_adapter.bin`` (pickle) is never read.
 A prediction head saved beside the adapter (``head_config.json``) is not converted (a warning says so).
 """
 
@@ -160,20 +178,29 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
     return safetensors.read_tensors(weights)[1]
 
 
-def _convert(config: dict, options: dict, tensors: dict[str, np.ndarray], base) -> Adapter:
-    found: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    names = set()
+def _parsed(tensors: dict[str, np.ndarray], pattern: re.Pattern, what: str) -> tuple[list, set[str]]:
+    """Each tensor as (its key matched by ``pattern``, the tensor), and the adapter names; refuses a key the pattern
+    does not match, no tensors, or several adapters."""
+    parsed = []
     for key, value in tensors.items():
-        match = KEY.match(key)
+        match = pattern.match(key)
         if match is None:
-            raise FormatError(f"tensor {key!r} is not part of a bottleneck adapter adapterkit reads")
-        names.add(match["name"])
-        role = ROLES.get(match["param"], "scaling")
-        found.setdefault((match["layer"], PLACES[match["place"]]), {})[role] = value
-    if not found:
+            raise FormatError(f"tensor {key!r} is not part of {what} adapterkit reads")
+        parsed.append((match, value))
+    names = {match["name"] for match, _ in parsed}
+    if not parsed:
         raise FormatError(f"{WEIGHTS_FILE} holds no tensors")
     if len(names) > 1:
         raise FormatError(f"{WEIGHTS_FILE} holds several adapters ({', '.join(sorted(names))})")
+    return parsed, names
+
+
+def _convert(config: dict, options: dict, tensors: dict[str, np.ndarray], base) -> Adapter:
+    found: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    parsed, names = _parsed(tensors, KEY, "a bottleneck adapter")
+    for match, value in parsed:
+        role = ROLES.get(match["param"], "scaling")
+        found.setdefault((match["layer"], PLACES[match["place"]]), {})[role] = value
     places = {place for _, place in found}
     wanted = {p for p, on in (("attention", options["mh_adapter"]), ("feedforward", options["output_adapter"])) if on}
     if not places <= wanted:
@@ -322,17 +349,9 @@ def _convert_lora(config: dict, options: dict, tensors: dict[str, np.ndarray], b
     """One ``lora`` component (``add``: ΔW = α/r·B·A) or ``ia3`` component (``scale``: the module's output times
     α·l) whose targets are the modules AdapterHub wrapped."""
     found: dict[str, dict[str, np.ndarray]] = {}
-    names = set()
-    for key, value in tensors.items():
-        match = LORA_KEY.match(key)
-        if match is None:
-            raise FormatError(f"tensor {key!r} is not part of a LoRA or (IA)³ adapterkit reads")
-        names.add(match["name"])
+    parsed, names = _parsed(tensors, LORA_KEY, "a LoRA or (IA)³")
+    for match, value in parsed:
         found.setdefault(match["module"], {})[match["param"]] = value
-    if not found:
-        raise FormatError(f"{WEIGHTS_FILE} holds no tensors")
-    if len(names) > 1:
-        raise FormatError(f"{WEIGHTS_FILE} holds several adapters ({', '.join(sorted(names))})")
     scale = options["composition_mode"] == "scale"
     kind = "ia3" if scale else "lora"
     model = _model(config, set(found), base)
@@ -408,8 +427,8 @@ def _lora_factors(roles: dict[str, np.ndarray], options: dict, fused: bool, head
 
 def _ia3_vector(roles: dict[str, np.ndarray], options: dict, fused: bool, heads: list[int],
                 path: str) -> dict[str, np.ndarray]:
-    """l = α·lora_B (AdapterHub's ``IA3``: the module's output times lora_B·α); on a fused projection the thirds that
-    are not enabled are 1·α (``LoRAMergedLinear.pad`` fills them with 1 before the scaling)."""
+    """l = α·lora_B (AdapterHub's ``IA3``: the module's output times lora_B·α); on a fused projection the thirds
+    that are not enabled are 1·α (``LoRAMergedLinear.pad`` fills them with 1 before the scaling)."""
     b = roles["lora_B"]
     if b.ndim != 2 or b.shape[1] != 1:
         raise FormatError(f"the (IA)³ of {path} has lora_B {list(b.shape)}, not [out, 1]")
