@@ -324,7 +324,8 @@ LORA_REQUIRED = {
 
 
 def _check_lora_options(options: dict) -> dict:
-    """A LoRAConfig / IA3Config, refused unless it reads exactly as a LoRA (``add``) or an (IA)³ (``scale``)."""
+    """A LoRAConfig / IA3Config (with LoRAConfig's defaults filled in), refused unless it reads exactly as a LoRA
+    (``add``) or an (IA)³ (``scale``)."""
     for option, (wanted, why) in LORA_REQUIRED.items():
         value = options.get(option, wanted)
         if value != wanted:
@@ -342,7 +343,7 @@ def _check_lora_options(options: dict) -> dict:
     matrices = options.get("attn_matrices", ["q", "v"])
     if not (isinstance(matrices, list) and all(isinstance(m, str) for m in matrices)):
         raise FormatError(f"AdapterHub option attn_matrices={matrices!r} is not a list of names")
-    return options
+    return {**options, "composition_mode": mode, "attn_matrices": matrices}
 
 
 def _convert_lora(config: dict, options: dict, tensors: dict[str, np.ndarray], base) -> Adapter:

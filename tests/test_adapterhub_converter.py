@@ -167,6 +167,18 @@ def test_loras_that_do_not_read_exactly_are_refused_in_one_line(tmp_path, name, 
     assert str(folder) in str(raised.value) and "\n" not in str(raised.value)
 
 
+def test_a_lora_config_without_its_defaults_reads_as_with_them(tmp_path):
+    """LoRAConfig's defaults (composition_mode add, attn_matrices q and v) where the config leaves them out."""
+    folder = _edited(tmp_path, "gpt2_lora")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for option in ("composition_mode", "attn_matrices"):
+        del config["config"][option]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    read, saved = adapterhub.read(folder), adapterhub.read(FIXTURES / "gpt2_lora")
+    assert read.components[0].target_params == saved.components[0].target_params
+    assert all(np.array_equal(read.tensors[name], tensor) for name, tensor in saved.tensors.items())
+
+
 def test_a_scaling_is_folded_into_the_up_projection(tmp_path):
     plain = adapterhub.read(FIXTURES / "bert_houlsby")
     scaled = adapterhub.read(_edited(tmp_path, scaling=0.5, non_linearity="SiLU"))
