@@ -38,7 +38,8 @@ class Format:
 FORMATS: dict[str, Format] = {f.name: f for f in (
     # before peft: an AdapterHub folder has an adapter_config.json too (detection tries the formats in this order)
     Format("adapterhub", "adapterhub", reads=True, writes=False, on_hub=False,
-           description="AdapterHub bottleneck adapter folder (adapter_config.json + adapter.safetensors)"),
+           description="AdapterHub adapter folder, bottleneck, LoRA or (IA)³ "
+                       "(adapter_config.json + adapter.safetensors)"),
     Format("peft", "peft", reads=True, writes=True, on_hub=True,
            description="PEFT folder (adapter_config.json + adapter_model.safetensors)"),
     Format("kohya", "kohya", reads=True, writes=True, on_hub=False, needs_base=True,

@@ -1,6 +1,7 @@
-"""AdapterHub's bottleneck adapters read as the ``adapter`` kind: the logits (hidden states) with the converted adapter
-attached equal those AdapterHub's own library computed (tests/fixtures/make_adapterhub_files.py, run with the
-``adapters`` library in a virtual environment of its own); what does not read exactly is refused in one line."""
+"""AdapterHub's bottleneck adapters read as the ``adapter`` kind, its LoRA as ``lora`` and its (IA)³ as ``ia3``: the
+logits (hidden states) with the converted adapter attached equal those AdapterHub's own library computed
+(tests/fixtures/make_adapterhub_files.py, run with the ``adapters`` library in a virtual environment of its own);
+what does not read exactly is refused in one line."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from cli_runner import call_cli
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
 EXPECTED = load_file(FIXTURES / "expected.safetensors")
 CASES = {"bert_houlsby": "bert", "bert_pfeiffer": "bert", "gpt2_houlsby": "gpt2"}
+#: LoRA (composition_mode add) and (IA)³ (scale) adapters -> the kind they read as
+LORA_CASES = {"bert_lora": "lora", "bert_ia3": "ia3", "gpt2_lora": "lora", "gpt2_ia3": "ia3"}
 CLASSES = {"bert": BertModel, "gpt2": GPT2LMHeadModel}
 
 
@@ -60,6 +63,44 @@ def test_attached_output_equals_adapterhubs(name, with_base):
     assert not torch.allclose(compared(attached), compared(EXPECTED[f"{family}_base"]), atol=1e-2)
 
 
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "no-base"])
+@pytest.mark.parametrize("name", list(LORA_CASES))
+def test_lora_and_ia3_attached_outputs_equal_adapterhubs(tmp_path, name, with_base):
+    """Converted with the convert command (the registry's path), loaded and attached: AdapterHub's own outputs."""
+    family = name.split("_")[0]
+    base = FIXTURES / f"base_{family}"
+    assert detect_format(FIXTURES / name) == "adapterhub"
+    out = tmp_path / f"{name}.safetensors"
+    done = call_cli("convert", FIXTURES / name, "-o", out, *(["--base", base] if with_base else []))
+    assert done.returncode == 0, done.stderr
+    adapter = load(out)
+    [component] = adapter.components
+    assert component.kind == LORA_CASES[name]
+    model = CLASSES[family].from_pretrained(base).eval()
+    with attach(model, adapter):
+        attached = output(model)
+    torch.testing.assert_close(compared(attached), compared(EXPECTED[name]), atol=1e-5, rtol=0)
+    assert not torch.allclose(compared(attached), compared(EXPECTED[f"{family}_base"]), atol=1e-2)
+
+
+def test_gpt2s_fused_projection_becomes_one_block_lora():
+    """q and v of GPT-2's c_attn (AdapterHub's A [2r, in], B [2·d, r]) as one LoRA of rank 2r: B [3d, 2r] holds q's
+    rows in its first r columns, v's in its last, zero in the key third; alpha 2·alpha keeps the scale alpha/r."""
+    adapter = adapterhub.read(FIXTURES / "gpt2_lora")
+    [component] = adapter.components
+    config = json.loads((FIXTURES / "gpt2_lora" / "adapter_config.json").read_text())["config"]
+    r, alpha = config["r"], config["alpha"]
+    assert component.params == {"rank": r, "alpha": alpha, "scaling": "standard", "fan_in_fan_out": True}
+    assert component.target_params["transformer.h.0.attn.c_attn"] == {"rank": 2 * r, "alpha": 2 * alpha}
+    saved = load_file(FIXTURES / "gpt2_lora" / "adapter.safetensors")
+    saved = saved["transformer.h.0.attn.c_attn.loras.gpt2_lora.lora_B"]
+    b = adapter.tensors["gpt2_lora.transformer.h.0.attn.c_attn.lora_B"]
+    d = b.shape[0] // 3
+    np.testing.assert_array_equal(b[:d, :r], saved[:d])
+    np.testing.assert_array_equal(b[2 * d:, r:], saved[d:])
+    assert not b[:d, r:].any() and not b[d:2 * d].any() and not b[2 * d:, :r].any()
+
+
 def test_convert_command_writes_a_valid_file(tmp_path):
     out = tmp_path / "pfeiffer.safetensors"
     done = call_cli("convert", FIXTURES / "bert_pfeiffer", "-o", out, "--base", FIXTURES / "base_bert")
@@ -85,9 +126,9 @@ def test_pickled_weights_are_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def _edited(tmp_path, **changes) -> Path:
+def _edited(tmp_path, source="bert_houlsby", **changes) -> Path:
     folder = tmp_path / "edited"
-    shutil.copytree(FIXTURES / "bert_houlsby", folder)
+    shutil.copytree(FIXTURES / source, folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     config["config"].update(changes)
     (folder / "adapter_config.json").write_text(json.dumps(config))
@@ -99,7 +140,7 @@ def _edited(tmp_path, **changes) -> Path:
     ({"ln_after": True}, "ln_after=True is not supported"),
     ({"use_gating": True}, "use_gating=True is not supported"),
     ({"phm_layer": True}, "phm_layer=True is not supported"),
-    ({"architecture": "lora"}, "are not bottleneck adapters"),
+    ({"architecture": "prefix_tuning"}, "'prefix_tuning' adapters are not read"),
     ({"non_linearity": "softplus"}, "unknown non_linearity"),
     ({"mh_adapter": False}, "at places its config does not name"),
     ({"scaling": "learned"}, "lacks its learned scaling"),
@@ -107,6 +148,35 @@ def _edited(tmp_path, **changes) -> Path:
 def test_configurations_that_do_not_read_exactly_are_refused(tmp_path, changes, problem):
     with pytest.raises(FormatError, match=problem):
         adapterhub.read(_edited(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("name, changes, problem", [
+    ("bert_lora", {"use_gating": True}, "use_gating=True is not supported: the LoRA is gated"),
+    ("bert_lora", {"composition_mode": "multiply"}, "composition_mode='multiply' is not supported"),
+    ("bert_lora", {"use_dora": True}, "use_dora=True is not supported"),
+    ("bert_lora", {"vera_d": 0.1}, "vera_d=0.1 is not supported: it is VeRA"),
+    ("bert_lora", {"r": 2}, "not \\[2, in\\] and \\[out, 2\\]"),
+    ("bert_lora", {"composition_mode": "scale", "r": 1}, "holds lora_A, lora_B, not lora_B"),
+    ("bert_ia3", {"composition_mode": "add", "r": 1}, "holds lora_B, not lora_A, lora_B"),
+    ("gpt2_lora", {"attn_matrices": ["q", "k", "v"]}, "not \\[6, in\\]"),
+])
+def test_loras_that_do_not_read_exactly_are_refused_in_one_line(tmp_path, name, changes, problem):
+    folder = _edited(tmp_path, name, **changes)
+    with pytest.raises(FormatError, match=problem) as raised:
+        adapterhub.read(folder)
+    assert str(folder) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_lora_config_without_its_defaults_reads_as_with_them(tmp_path):
+    """LoRAConfig's defaults (composition_mode add, attn_matrices q and v) where the config leaves them out."""
+    folder = _edited(tmp_path, "gpt2_lora")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for option in ("composition_mode", "attn_matrices"):
+        del config["config"][option]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    read, saved = adapterhub.read(folder), adapterhub.read(FIXTURES / "gpt2_lora")
+    assert read.components[0].target_params == saved.components[0].target_params
+    assert all(np.array_equal(read.tensors[name], tensor) for name, tensor in saved.tensors.items())
 
 
 def test_a_scaling_is_folded_into_the_up_projection(tmp_path):
