@@ -46,7 +46,7 @@ def build_base(folder: Path, layers: int) -> None:
     import torch
     from transformers import LlamaConfig
 
-    from adapterkit.safetensors_writer import StreamedSafetensorsWriter
+    from adapterkit.io.safetensors import StreamedWriter
 
     config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=16, vocab_size=VOCAB, tie_word_embeddings=False)
@@ -71,8 +71,8 @@ def build_base(folder: Path, layers: int) -> None:
     generator = torch.Generator().manual_seed(0)
     for number, names in enumerate(shards, 1):
         file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        entries = [(name, torch.float32, shapes[name]) for name in names]
-        with StreamedSafetensorsWriter(folder / file, entries, {"format": "pt"}) as writer:
+        entries = [(name, "F32", shapes[name]) for name in names]
+        with StreamedWriter(folder / file, entries, {"format": "pt"}) as writer:
             for name in names:
                 tensor = torch.empty(shapes[name]).normal_(std=0.02, generator=generator) if len(shapes[name]) > 1 \
                     else torch.ones(shapes[name])
