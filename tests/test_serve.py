@@ -1,6 +1,7 @@
 """adapterkit serve on loopback: many clients at once on mixed adapters (and some bad requests), each answer checked
 against transformers' generate with that adapter alone attached to a separate copy of the base; adapters added and
-removed while serving; a full queue answered 503; a clean shutdown that lets the request under way finish."""
+removed while serving; a full queue answered 503; a clean shutdown that lets the request under way finish; the same
+from an ONNX folder with an adapter bank, run in ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import torch
 
 from adapterkit import save
 from adapterkit.attach import attach
+from adapterkit.onnx.export import export_onnx
 from adapterkit.serve.app import Server, http_server
 from adapterkit.serve.engine import Engine
+from adapterkit.serve.models import OnnxModel
 from adapterkit.sources import load_adapter
 from adapterkit.train.base import load_base
 from test_mixed_batch import VARIANTS, random_adapter
@@ -189,12 +192,35 @@ def test_a_full_queue_answers_503_and_shutdown_lets_the_request_under_way_finish
         assert status == 200 and tokens == expected_tokens(reference, adapters["lora-r4"], ids, 40)
 
 
+def test_an_onnx_bank_folder_serves_mixed_adapters_as_torch_does(served, example, tmp_path):
+    base, reference, adapters = served
+    tokenizer = base.tokenizer
+    exported = ["lora-r8", "prefix", "ia3"]
+    export_onnx(example["llama"], [adapters[name] for name in exported], tmp_path / "onnx", merged=False,
+                names=exported, bank=True, cache=True)
+    engine = Engine(OnnxModel(tmp_path / "onnx"), {name: adapters[name] for name in exported[:2]}, max_batch=8)
+    running = Running(Server(engine, "llama", tokenizer, load_adapter))
+    try:
+        save(adapters["lora-r4"], tmp_path / "lora-r4.safetensors")  # another rank on the same modules, at run time
+        assert running.request("POST", "/v1/load_lora_adapter",
+                               {"lora_name": "lora-r4", "lora_path": str(tmp_path / "lora-r4.safetensors")})[0] == 200
+        jobs = [(model, prompt) for model in ["llama", "lora-r8", "prefix", "lora-r4"] for prompt in PROMPTS]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda job: (job, running.request("POST", "/v1/completions", completion(*job))),
+                                    jobs))
+        for (model, prompt), (status, answer) in answers:
+            expected = expected_tokens(reference, adapters.get(model), tokenizer(prompt)["input_ids"])
+            assert status == 200 and answer["choices"][0]["token_ids"] == expected, (model, prompt)
+    finally:
+        running.stop()
+
+
 def test_the_command_refuses_in_one_line_what_it_cannot_serve(tmp_path, tiny_llama_dir):
     from cli_runner import call_cli
 
     (tmp_path / "model.onnx").write_bytes(b"")
     result = call_cli("serve", tmp_path)
-    assert result.returncode == 1 and "ONNX folder is not supported" in result.stderr
+    assert result.returncode == 1 and "not an adapterkit ONNX export" in result.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

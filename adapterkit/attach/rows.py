@@ -17,6 +17,9 @@ from adapterkit.errors import RequestError
 
 #: a row that uses no adapter (the base model)
 NO_ADAPTER = -1
+#: the rows an entry acts on when its tensors have a leading row dimension (an ONNX adapter bank gathered by each
+#: row's adapter index): row i with tensors[i]
+EACH_ROW = "each row"
 
 
 class RowSelection:
@@ -63,3 +66,14 @@ def on_rows(tensor: torch.Tensor, rows: torch.Tensor | None, change) -> torch.Te
 def take(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """The rows ``rows`` of ``tensor`` (all of it when None)."""
     return tensor if rows is None else tensor.index_select(0, rows)
+
+
+def each_row(function, x: torch.Tensor, *outputs: torch.Tensor, tensors: dict) -> torch.Tensor:
+    """``function(x_i, *outputs_i, tensors_i)`` for every row i of the batch, each row with its own tensors (their
+    leading dimension is the row's), vectorised by ``torch.func.vmap``: ``function`` sees a batch of one row and the
+    tensors of that row, as it would with one adapter attached."""
+    def one(x_row, *rest):
+        *row_outputs, row_tensors = rest
+        return function(x_row[None], *(t[None] for t in row_outputs), row_tensors)[0]
+
+    return torch.func.vmap(one)(x, *outputs, tensors)

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from adapterkit.attach.rows import RowSelection
+from adapterkit.attach.rows import EACH_ROW, RowSelection
 
 #: marks the parameters adapterkit adds to a model (they are not part of the base: the fingerprint leaves them out)
 ADAPTER_PARAMETER = "_adapterkit_adapter_parameter"
@@ -50,13 +50,17 @@ class Derived:
     def __init__(self, source, change):
         self.source, self.change = source, change
         self.selection, self.adapter = getattr(source, "selection", None), getattr(source, "adapter", 0)
+        self.each_row = getattr(source, "each_row", False)
 
     def tensors(self) -> dict:
         return self.change(self.source.tensors())
 
 
-def rows_of(source) -> torch.Tensor | None:
-    """The rows of the batch a source's entry acts on: all (None), or, in a per-row attach, its adapter's."""
+def rows_of(source) -> torch.Tensor | str | None:
+    """The rows of the batch a source's entry acts on: all (None), or, in a per-row attach, its adapter's, or
+    :data:`~adapterkit.attach.rows.EACH_ROW` for a source whose tensors have one entry per row (``each_row``)."""
+    if getattr(source, "each_row", False):
+        return EACH_ROW
     selection = getattr(source, "selection", None)
     return None if selection is None else selection.rows(source.adapter)
 

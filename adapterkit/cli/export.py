@@ -25,15 +25,21 @@ from adapterkit.sources import local_path
 @click.option("--cache", is_flag=True,
               help="Causal LMs: one generation step with the key/value cache in and out (past_key_values.<i>.key/value "
                    "in, present.<i>.key/value out).")
+@click.option("--bank", is_flag=True,
+              help="With --unmerged: the graph takes all the adapters at once (an adapter bank) and each row's adapter "
+                   "(adapter_index), so one run serves rows with different adapters; adapters can be added at run "
+                   "time.")
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch on sample inputs; exit 1 above --atol.")
 @click.option("--atol", type=Number(0, low_open=True), default=1e-4, help="Largest absolute difference --verify accepts.")
 @FORCE
 @OVERWRITE
-def export(base, adapters, mode, output, weights, opset, cache, verify, atol, force, overwrite) -> None:
+def export(base, adapters, mode, output, weights, opset, cache, bank, verify, atol, force, overwrite) -> None:
     """Export BASE with ADAPTERS (files or hf:// refs) to ONNX in OUTPUT: model.onnx, adapterkit.json and, with
     --unmerged, adapters/<name>.onnx_adapter for ONNX Runtime's adapter API."""
     if mode is None:
         raise click.UsageError("choose --merged or --unmerged")
+    if bank and mode == "merged":
+        raise click.UsageError("--bank keeps the adapters as graph inputs: use it with --unmerged")
     check_weight_count(weights, len(adapters))
     if mode == "merged" and not adapters:
         raise RequestError("--merged needs at least one adapter (to export the base alone, use --unmerged)")
@@ -46,8 +52,9 @@ def export(base, adapters, mode, output, weights, opset, cache, verify, atol, fo
     paths = [local_path(ref) for ref in adapters]
     exported = export_onnx(base, [load(path) for path in paths], output, merged=mode == "merged",
                            names=adapter_names(adapters), weights=weights, opset=opset, force=force,
-                           overwrite=overwrite, inputs=paths, cache=cache)
-    click.echo(f"wrote {exported.folder} ({mode}{', with a key/value cache' if cache else ''}, {len(adapters)} "
+                           overwrite=overwrite, inputs=paths, cache=cache, bank=bank)
+    extras = (", an adapter bank" if bank else "") + (", with a key/value cache" if cache else "")
+    click.echo(f"wrote {exported.folder} ({mode}{extras}, {len(adapters)} "
                f"adapter{'' if len(adapters) == 1 else 's'})")
     if verify:
         from adapterkit.onnx.verify import verify as run_checks

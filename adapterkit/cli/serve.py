@@ -22,12 +22,11 @@ from adapterkit.errors import RequestError
               help="Most requests waiting to join the batch; more are refused with 503.")
 @FORCE
 def serve(base, adapters, host, port, name, max_batch, max_waiting, force) -> None:
-    """Serve BASE (a Hugging Face causal LM folder) with ADAPTERS (NAME=FILE, or FILE named after its stem; FILE may
-    be an hf:// reference): POST /v1/completions with "model" set to an adapter's name (or the base's), GET
-    /v1/models, POST /v1/load_lora_adapter and /v1/unload_lora_adapter, GET /health. Requests on different
-    adapters are generated in one batch."""
-    if os.path.isfile(os.path.join(base, "model.onnx")):
-        raise RequestError("serving an ONNX folder is not supported yet: serve the Hugging Face base folder", base)
+    """Serve BASE (a Hugging Face causal LM folder, or a folder exported with `export --onnx --unmerged --bank
+    --cache`, run in ONNX Runtime) with ADAPTERS (NAME=FILE, or FILE named after its stem; FILE may be an hf://
+    reference; an ONNX folder serves these too, not its own adapter files): POST /v1/completions with "model" set to an adapter's name (or the base's), GET /v1/models, POST
+    /v1/load_lora_adapter and /v1/unload_lora_adapter, GET /health. Requests on different adapters are generated in
+    one batch."""
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -37,7 +36,6 @@ def serve(base, adapters, host, port, name, max_batch, max_waiting, force) -> No
     from adapterkit.serve.app import Server, http_server
     from adapterkit.serve.engine import Engine
     from adapterkit.sources import load_adapter
-    from adapterkit.train.base import load_base
 
     named = [ref.partition("=") if "=" in ref and not ref.startswith("hf://") else ("", "", ref) for ref in adapters]
     refs = [ref for _, _, ref in named]
@@ -48,13 +46,38 @@ def serve(base, adapters, host, port, name, max_batch, max_waiting, force) -> No
         listening = socket.create_server((host, port))
     except OSError as exc:
         raise RequestError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    loaded = load_base(base, "causal-lm")
-    engine = Engine(loaded.model, {n: load_adapter(ref) for n, ref in zip(names, refs)}, max_batch=max_batch,
+    onnx = os.path.isfile(os.path.join(base, "model.onnx"))
+    model, tokenizer = _onnx_model(base, force) if onnx else _torch_model(base)
+    engine = Engine(model, {n: load_adapter(ref) for n, ref in zip(names, refs)}, max_batch=max_batch,
                     max_waiting=max_waiting, force=force)
     model_name = name or os.path.basename(os.path.normpath(base))
-    server = Server(engine, model_name, loaded.tokenizer, load_adapter)
+    server = Server(engine, model_name, tokenizer, load_adapter)
     port = listening.getsockname()[1]  # the one the system chose for --port 0
     click.echo(f"serving {model_name} with {len(names)} adapter{'' if len(names) == 1 else 's'}"
                f"{': ' + ', '.join(names) if names else ''} on http://{host}:{port} (Ctrl-C stops)")
     http_server(server, host, port).run(sockets=[listening])
     click.echo("stopped")
+
+
+def _torch_model(base: str):
+    from adapterkit.train.base import load_base
+
+    loaded = load_base(base, "causal-lm")
+    return loaded.model, loaded.tokenizer
+
+
+def _onnx_model(folder: str, force: bool):
+    """The exported graph and, where the base it was exported from is still there with a tokenizer, its tokenizer
+    (else prompts are token ids)."""
+    from adapterkit.onnx import require_onnxruntime
+    from adapterkit.serve.models import OnnxModel
+
+    require_onnxruntime()
+    model = OnnxModel(folder, force)
+    base = model.runner.description.get("base")
+    try:
+        from transformers import AutoTokenizer
+
+        return model, AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError, TypeError):
+        return model, None

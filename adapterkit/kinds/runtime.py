@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from adapterkit.arrays import to_torch
-from adapterkit.attach.rows import on_rows, take
+from adapterkit.attach.rows import EACH_ROW, each_row, on_rows, take
 from adapterkit.errors import RequestError
 from adapterkit.manifest import Component
 
@@ -62,12 +62,17 @@ class Runtime:
     def before_rows(self, base: torch.nn.Module, x: torch.Tensor, tensors: Roles, scale: float,
                     rows: torch.Tensor | None) -> torch.Tensor:
         """:meth:`before` on the rows ``rows`` of the batch (all when None). Default: those rows gathered, changed
-        as a batch of their own, and put back."""
+        as a batch of their own, and put back; with ``rows`` :data:`~adapterkit.attach.rows.EACH_ROW`, each row with
+        its own tensors."""
+        if rows is EACH_ROW:
+            return each_row(lambda x1, t1: self.before(base, x1, t1, scale), x, tensors=tensors)
         return on_rows(x, rows, lambda r: self.before(base, take(x, r), tensors, scale))
 
     def after_rows(self, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tensors: Roles, scale: float,
                    rows: torch.Tensor | None) -> torch.Tensor:
         """:meth:`after` on the rows ``rows`` of the batch (all when None), as :meth:`before_rows`."""
+        if rows is EACH_ROW:
+            return each_row(lambda x1, y1, t1: self.after(base, x1, y1, t1, scale), x, y, tensors=tensors)
         return on_rows(y, rows, lambda r: self.after(base, take(x, r), take(y, r), tensors, scale))
 
     def after_each(self, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,

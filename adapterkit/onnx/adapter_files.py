@@ -36,5 +36,6 @@ def write_onnx_adapter(feeds: dict[str, torch.Tensor], path: str | os.PathLike, 
 
 def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The tensors of a ``.onnx_adapter`` file, by input name."""
-    parameters = ort.AdapterFormat.read_adapter(os.fspath(path)).get_parameters()
-    return {name: value.numpy() for name, value in parameters.items()}
+    adapter_format = ort.AdapterFormat.read_adapter(os.fspath(path))
+    # copied: the arrays would otherwise point into memory the format object frees
+    return {name: value.numpy().copy() for name, value in adapter_format.get_parameters().items()}

@@ -3,6 +3,8 @@
 
 The output folder holds ``model.onnx``, ``adapters/<name>.onnx_adapter`` (unmerged) and ``adapterkit.json``, which
 says what the graph takes and returns and which adapters exist. :class:`adapterkit.onnx.runner.Runner` reads it.
+With ``bank=True`` (unmerged) the graph takes an adapter bank and each row's entry in it (:mod:`adapterkit.onnx.bank`),
+so one run serves rows with different adapters; ``bank_empty.onnx_adapter`` holds every slot with no adapter.
 With ``cache=True`` (causal LMs) the graph is one generation step with its key/value cache in and out
 (:class:`~adapterkit.onnx.exportable.CachedExportableModel`), and ``adapterkit.json`` describes the cache.
 """
@@ -30,7 +32,9 @@ from adapterkit.io import outputs
 from adapterkit.kinds import get_kind
 from adapterkit.merge import merge_into_model
 from adapterkit.onnx.adapter_files import write_onnx_adapter
-from adapterkit.onnx.exportable import CachedExportableModel, ExportableModel, output_name, slot_defaults
+from adapterkit.onnx.bank import INDEX_INPUT, LENGTH_ROLE, length_slots
+from adapterkit.onnx.exportable import (CachedExportableModel, ExportableModel, bank_defaults, output_name,
+                                        slot_defaults)
 from adapterkit.onnx.graph import add_defaults, io_description
 from adapterkit.onnx.slots import adapter_feeds, split_slot
 from adapterkit.values import check_weights
@@ -41,7 +45,8 @@ DESCRIPTION = "adapterkit.json"
 MODEL_FILE = "model.onnx"
 TEXT_INPUTS = ("input_ids", "attention_mask")
 #: example sizes for the dynamic dims while tracing (≥ 2, and distinct, so the exporter keeps them symbolic)
-EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_SLOT, EXAMPLE_PAST = 2, 7, 3, 5
+EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_SLOT, EXAMPLE_PAST, EXAMPLE_BANK = 2, 7, 3, 5, 4
+BANK_EMPTY = "bank_empty.onnx_adapter"
 
 
 @dataclasses.dataclass
@@ -90,14 +95,17 @@ def adapter_names(refs: Sequence[str]) -> list[str]:
 
 def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, merged: bool,
                 names: Sequence[str] | None = None, weights: Sequence[float] | None = None, opset: int | None = None,
-                force: bool = False, overwrite: bool = False, inputs: Sequence = (), cache: bool = False) -> Exported:
+                force: bool = False, overwrite: bool = False, inputs: Sequence = (), cache: bool = False,
+                bank: bool = False) -> Exported:
     """Export ``base`` (a Hugging Face folder) with ``adapters`` to the folder ``output``; see the module docstring.
     ``inputs`` names the adapters' files (the output may not overlap them, nor the base); ``cache``: a generation
-    step with the key/value cache in and out (causal LMs)."""
+    step with the key/value cache in and out (causal LMs); ``bank``: rows with adapters of their own."""
     names = list(names or [f"adapter_{i}" for i in range(len(adapters))])
     weights = check_weights(weights, len(adapters))
     if len(names) != len(adapters):
         raise RequestError(f"{len(adapters)} adapters but {len(names)} names")
+    if bank and merged:
+        raise RequestError("an adapter bank is unmerged: the adapters stay graph inputs")
     with outputs.output(output, inputs=[base, *inputs], folder=True, overwrite=overwrite,
                         owned=[DESCRIPTION]) as staging:
         model = load_base(base)
@@ -115,13 +123,16 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
             feeds = {name: adapter_feeds(adapter, weight, model)
                      for name, adapter, weight in zip(names, adapters, weights)}
             examples = {slot: tensor for adapter_feed in feeds.values() for slot, tensor in adapter_feed.items()}
-            torch_model = exportable(model, slot_defaults(model, examples))
+            empty = slot_defaults(model, examples)
+            torch_model = exportable(model, bank_defaults(empty), bank=True) if bank else exportable(model, empty)
         with tqdm(total=2 + len(adapters), desc="export", unit="step", disable=None) as progress:
             progress.set_postfix_str("tracing")
             onnx_model = _trace(torch_model, model, opset)
             progress.update()
             add_defaults(onnx_model, torch_model.defaults)
             onnx.save(onnx_model, staging / MODEL_FILE)
+            if bank:
+                write_onnx_adapter(empty, staging / BANK_EMPTY)
             progress.update()
             described = []
             for name, adapter in zip(names, adapters):
@@ -138,15 +149,27 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
             "mode": "merged" if merged else "unmerged",
             "model": MODEL_FILE,
             "base": os.path.abspath(base),
-            "inputs": io_description(onnx_model, _input_names(torch_model)),
+            "inputs": io_description(onnx_model, _input_names(torch_model)
+                                     + ([INDEX_INPUT] if bank else [])),
             "adapter_inputs": io_description(onnx_model, torch_model.slot_names),
             "outputs": io_description(onnx_model, _output_names(torch_model, model)),
             "adapters": described,
             "weights": weights,
         }
+        if bank:
+            description["bank"] = {
+                "index": INDEX_INPUT, "empty": BANK_EMPTY, "lengths": length_slots(list(empty)),
+                "axes": {slot: get_kind(split_slot(slot)[1]).runtime.dynamic_axes[split_slot(slot)[2]] for slot in empty
+                         if split_slot(slot)[2] in get_kind(split_slot(slot)[1]).runtime.dynamic_axes}}
         if cache:
             description["cache"] = {"layers": torch_model.layers, "kv_heads": torch_model.kv_heads,
                                     "head_dim": torch_model.head_dim}
+            config = model.config  # what generating needs to know of the model (adapterkit serve)
+            description["generation"] = {
+                "vocab_size": config.vocab_size,
+                "max_positions": getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                                             None),
+                "eos_token_id": getattr(model.generation_config, "eos_token_id", None)}
         (staging / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
     log.info("exported %s (%s, %d adapters)", output, description["mode"], len(adapters))
     return Exported(Path(output), merged, torch_model, description, dict(zip(names, zip(adapters, weights))))
@@ -176,20 +199,31 @@ def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | No
     attention_mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_SEQUENCE, dtype=torch.long)
     batch, sequence = Dim("batch"), Dim("sequence")
     slot_examples, slot_shapes, slot_dims = [], [], {}
+    if torch_model.bank:  # each row's entry, then the bank: one more leading dim, the entries
+        entries = Dim("bank")
+        slot_examples.append(torch.arange(EXAMPLE_BATCH) % EXAMPLE_BANK)
+        slot_shapes.append({0: batch})
     for number, name in enumerate(torch_model.slot_names):
         default = torch_model.defaults[name]
         module, kind, role = split_slot(name)
+        leading = int(torch_model.bank)
+        if role == LENGTH_ROLE and torch_model.bank:
+            slot_examples.append(torch.randint(0, EXAMPLE_SLOT + 1, (EXAMPLE_BANK,), generator=generator))
+            slot_shapes.append({0: entries})
+            continue
         axis = get_kind(kind).runtime.dynamic_axes.get(role)
+        shape = list(default.shape)
+        if torch_model.bank:
+            shape[0] = EXAMPLE_BANK
         if axis is None:
-            slot_examples.append(default)
-            slot_shapes.append({})  # every dim static ({}, not None, which pytrees drop)
+            slot_examples.append(default.expand(shape).clone())
+            slot_shapes.append({0: entries} if leading else {})  # every dim static ({}, not None: pytrees drop it)
             continue
         # the roles of one (module, kind) share their dim: LoRA's A and B their rank, a prefix's keys and values p
         dim = slot_dims.setdefault((module, kind), Dim(f"{kind}_{number}"))
-        shape = list(default.shape)
-        shape[axis] = EXAMPLE_SLOT
+        shape[leading + axis] = EXAMPLE_SLOT
         slot_examples.append(torch.randn(shape, generator=generator) * 0.01)
-        slot_shapes.append({axis: dim})
+        slot_shapes.append({leading + axis: dim, **({0: entries} if leading else {})})
     dynamic_shapes = ({0: batch, 1: sequence}, {0: batch, 1: sequence})
     text_examples = (input_ids, attention_mask)
     if isinstance(torch_model, CachedExportableModel):  # the mask covers past and new tokens: a dim of its own
@@ -208,7 +242,8 @@ def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | No
         warnings.filterwarnings("ignore", message="# The axis name")
         program = torch.onnx.export(
             torch_model, (*text_examples, *slot_examples), dynamo=True, opset_version=opset,
-            input_names=[*_input_names(torch_model), *torch_model.slot_names],
+            input_names=[*_input_names(torch_model), *([INDEX_INPUT] if torch_model.bank else []),
+                         *torch_model.slot_names],
             output_names=_output_names(torch_model, model),
             dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
         )

@@ -28,10 +28,11 @@ from adapterkit.onnx.slots import split_slot
 
 class SlotValues:
     """The slot tensors of the current call, shared by the slot entries (a plain object: torch.export copies dict
-    attributes of modules while tracing, which would unshare them)."""
+    attributes of modules while tracing, which would unshare them), and in a bank graph each row's entry."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self._tensors = dict(tensors)
+        self.index: torch.Tensor | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
@@ -50,6 +51,16 @@ class SlotSource:
         return {role: self.values[name] for role, name in self.names.items()}
 
 
+class BankSource(SlotSource):
+    """A bank graph's slot entry: each row's tensors, gathered from the stacked bank by the row's entry (see
+    :mod:`adapterkit.onnx.bank`)."""
+
+    each_row = True
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {role: self.values[name].index_select(0, self.values.index) for role, name in self.names.items()}
+
+
 def task_output(output) -> torch.Tensor:
     """The tensor an exported graph returns: ``logits`` for LMs and classifiers, else ``last_hidden_state``."""
     for name in ("logits", "last_hidden_state"):
@@ -65,32 +76,48 @@ def output_name(model: nn.Module) -> str:
 
 
 class ExportableModel(nn.Module):
-    """``forward(input_ids, attention_mask, *slot tensors in the order of slot_names)`` -> the task output."""
+    """``forward(input_ids, attention_mask, *slot tensors in the order of slot_names)`` -> the task output; with
+    ``bank``, ``forward(input_ids, attention_mask, adapter_index, *bank tensors)``."""
 
-    def __init__(self, model: nn.Module, defaults: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, defaults: dict[str, torch.Tensor], bank: bool = False):
         super().__init__()
         self.model = model
         self.slot_names = list(defaults)
         self.defaults = defaults
+        self.bank = bank
         self.values = SlotValues(defaults)
+        if bank:
+            self.values.index = torch.zeros(1, dtype=torch.long)  # until a call gives each row's entry
+        source = BankSource if bank else SlotSource
         self.slots = AttachedAdapters(model)
         groups: dict[tuple[str, str], dict[str, str]] = {}
         for name in self.slot_names:
             module, kind, role = split_slot(name)
             groups.setdefault((module, kind), {})[role] = name
         for (module, kind), names in groups.items():
-            self.slots.install(get_kind(kind).runtime, module, f"slot_{kind}", SlotSource(self.values, names), 1.0)
+            self.slots.install(get_kind(kind).runtime, module, f"slot_{kind}", source(self.values, names), 1.0)
         self.train(model.training)  # the slot modules are new: give them the mode of the model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *slots: torch.Tensor) -> torch.Tensor:
+    def feed(self, slots: tuple[torch.Tensor, ...]) -> None:
+        """Give the slot entries this call's tensors (in a bank graph, after each row's entry)."""
+        if self.bank:
+            self.values.index, slots = slots[0], slots[1:]
         self.values.update(zip(self.slot_names, slots))
+
+    def default_slots(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Every slot at its default (no adapter, or the merged model); a bank's rows on its entry 0, the base."""
+        index = (torch.zeros(batch, dtype=torch.long),) if self.bank else ()
+        return (*index, *(self.defaults[n] for n in self.slot_names))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *slots: torch.Tensor) -> torch.Tensor:
+        self.feed(slots)
         kwargs = {"use_cache": False} if "use_cache" in self.model.config.to_dict() else {}
         return task_output(self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Eager forward with every slot at its default (no adapter, or the merged model)."""
         with torch.no_grad():
-            return self(input_ids, attention_mask, *(self.defaults[n] for n in self.slot_names))
+            return self(input_ids, attention_mask, *self.default_slots(input_ids.shape[0]))
 
 
 def cache_layout(model: nn.Module) -> tuple[int, int, int]:
@@ -106,14 +133,14 @@ class CachedExportableModel(ExportableModel):
     ``past`` holds each layer's keys then values (see the module docstring); ``attention_mask`` covers past and new
     tokens."""
 
-    def __init__(self, model: nn.Module, defaults: dict[str, torch.Tensor]):
-        super().__init__(model, defaults)
+    def __init__(self, model: nn.Module, defaults: dict[str, torch.Tensor], bank: bool = False):
+        super().__init__(model, defaults, bank)
         self.layers, self.kv_heads, self.head_dim = cache_layout(model)
 
     def forward(self, input_ids, attention_mask, position_ids, past, *slots):
         from transformers import DynamicCache
 
-        self.values.update(zip(self.slot_names, slots))
+        self.feed(slots)
         cache = DynamicCache()
         for layer in range(self.layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
@@ -129,7 +156,16 @@ class CachedExportableModel(ExportableModel):
         positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         with torch.no_grad():
             return self(input_ids, attention_mask, positions, self.empty_past(input_ids.shape[0]),
-                        *(self.defaults[n] for n in self.slot_names))[0]
+                        *self.default_slots(input_ids.shape[0]))[0]
+
+
+def bank_defaults(empty: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bank graph's inputs at their defaults: a bank of one entry, the base (and its prefix lengths, 0)."""
+    from adapterkit.onnx.bank import length_slots
+
+    defaults = {name: tensor[None] for name, tensor in empty.items()}
+    defaults.update({name: torch.zeros(1, dtype=torch.long) for name in length_slots(list(empty))})
+    return dict(sorted(defaults.items()))
 
 
 def slot_defaults(model: nn.Module, examples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

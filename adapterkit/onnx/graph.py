@@ -23,7 +23,8 @@ def add_defaults(model: onnx.ModelProto, defaults: dict[str, torch.Tensor]) -> o
             raise ValueError(f"the exported graph has no input {name!r}")  # a bug in the exporter, not bad input
         if name in existing:
             continue
-        model.graph.initializer.append(numpy_helper.from_array(tensor.detach().float().numpy(), name))
+        value = tensor.detach() if not tensor.is_floating_point() else tensor.detach().float()  # a bank's lengths: int64
+        model.graph.initializer.append(numpy_helper.from_array(value.numpy(), name))
     return model
 
 

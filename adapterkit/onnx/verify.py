@@ -46,11 +46,11 @@ def sample_inputs(vocab_size: int, batch: int = 3, sequence: int = 5, seed: int 
 def verify(exported: Exported, atol: float = DEFAULT_ATOL, runner: Runner | None = None) -> list[Check]:
     runner = runner or Runner(exported.folder)
     model = exported.torch_model
-    inputs = sample_inputs(model.model.config.vocab_size)
+    inputs = sample_inputs(model.model.config.vocab_size, batch=max(3, len(exported.adapters) + 1))
     numpy_inputs = {name: tensor.numpy() for name, tensor in inputs.items()}
     output = runner.output_names[0]
 
-    def check(case: str, adapter: str | None, expected: torch.Tensor) -> Check:
+    def check(case: str, adapter, expected: torch.Tensor) -> Check:
         actual = runner.run(numpy_inputs, adapter)[output]
         return Check(case, output, float(np.abs(actual - expected.numpy()).max()), atol)
 
@@ -58,8 +58,13 @@ def verify(exported: Exported, atol: float = DEFAULT_ATOL, runner: Runner | None
         return [check("merged", None, model.run(inputs["input_ids"], inputs["attention_mask"]))]
     base = load_base(exported.description["base"])
     with torch.no_grad():
-        checks = [check("no adapter vs base", None, task_output(base(**inputs)))]
+        outputs = {None: task_output(base(**inputs))}
+        checks = [check("no adapter vs base", None, outputs[None])]
         for name, (adapter, weight) in exported.adapters.items():
             with attach(base, [adapter], [weight], force=True):  # the base was checked when exporting
-                checks.append(check(f"adapter {name}", name, task_output(base(**inputs))))
+                outputs[name] = task_output(base(**inputs))
+            checks.append(check(f"adapter {name}", name, outputs[name]))
+    if runner.bank is not None and len(outputs) > 1:  # one run, each row with another adapter (or none)
+        rows = [list(outputs)[(row + 1) % len(outputs)] for row in range(len(inputs["input_ids"]))]
+        checks.append(check("mixed batch", rows, torch.stack([outputs[name][row] for row, name in enumerate(rows)])))
     return checks

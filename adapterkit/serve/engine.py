@@ -1,7 +1,8 @@
-"""The generation engine behind ``adapterkit serve`` (torch backend): one base model, many adapters, one batch.
+"""The generation engine behind ``adapterkit serve``: one base model, many adapters, one batch.
 
-Every request is a row of one running batch, using its own adapter through a per-row attach
-(:mod:`adapterkit.attach.rows`). One thread runs token steps; at each step
+Every request is a row of one running batch, using its own adapter: through a per-row attach in torch
+(:mod:`adapterkit.attach.rows`), or an ONNX graph's adapter bank (:mod:`adapterkit.serve.models`). One thread runs
+token steps; at each step
 
 1. adapters added or removed since the last step are attached (a removed one stays until its last row is done);
 2. waiting requests join: their prompts are prefilled together (left-padded), and their key/value caches, padded on
@@ -27,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from adapterkit.adapter import Adapter
-from adapterkit.attach import attach
 from adapterkit.errors import RequestError
 from adapterkit.kinds import get_kind
+from adapterkit.serve.models import OnnxModel, TorchModel
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +81,19 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 
 class Engine:
-    """Runs requests on ``model`` (a transformers causal LM) with ``adapters`` ({name: adapter}) in one batch of at
-    most ``max_batch`` rows; at most ``max_waiting`` requests wait to join (more are refused with :class:`Busy`)."""
+    """Runs requests on ``model`` (a transformers causal LM, or an :class:`~adapterkit.serve.models.OnnxModel`) with
+    ``adapters`` ({name: adapter}) in one batch of at most ``max_batch`` rows; at most ``max_waiting`` requests wait
+    to join (more are refused with :class:`Busy`)."""
 
-    def __init__(self, model: torch.nn.Module, adapters: dict[str, Adapter] | None = None, *, max_batch: int = 16,
-                 max_waiting: int = 64, force: bool = False):
-        self.model = model.eval()
+    def __init__(self, model: torch.nn.Module | OnnxModel, adapters: dict[str, Adapter] | None = None, *,
+                 max_batch: int = 16, max_waiting: int = 64, force: bool = False):
+        self.model = TorchModel(model, force) if isinstance(model, torch.nn.Module) else model
         self.max_batch = max_batch
-        self.force = force
-        config = model.config
-        self.max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        self.eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        self.max_length, self.eos = self.model.max_length, self.model.eos
         self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_waiting)
         self._changes: queue.Queue[tuple[Callable[[], None], Future]] = queue.Queue()
         self._wanted: dict[str, Adapter] = {}  # what requests may name
-        self._attached: dict[str, Adapter] = {}  # what the per-row attach holds (and a removed one still in use)
-        self._handle = None
+        self._attached: dict[str, Adapter] = {}  # what the model holds (and a removed one still in use)
         self._rows: list[_Row] = []
         self._cache = None
         self._mask: torch.Tensor | None = None  # [rows, cached positions]: 1 where a row has a token
@@ -123,7 +120,7 @@ class Engine:
             raise KeyError(adapter)
         if not prompt:
             raise RequestError("the prompt is empty")
-        vocabulary = self.model.config.vocab_size
+        vocabulary = self.model.vocab_size
         if any(not 0 <= token < vocabulary for token in prompt):
             raise RequestError(f"a prompt token is outside the vocabulary (0..{vocabulary - 1})")
         needed = len(prompt) + sampling.max_tokens + self.positions(adapter)
@@ -161,9 +158,7 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join()
         self._end_all(Gone("the server is stopping"))
-        if self._handle is not None:
-            self._handle.detach()
-            self._handle = None
+        self.model.detach()
 
     # -- the engine's thread ----------------------------------------------------------------------------------------
 
@@ -193,16 +188,9 @@ class Engine:
             raise KeyError(name)
 
     def _attach(self, adapters: dict[str, Adapter]) -> None:
-        """Attach ``adapters`` per row in place of the current set (kept when the new one is refused)."""
-        if self._handle is not None:
-            self._handle.detach()
-        try:
-            handle = attach(self.model, list(adapters.values()), force=self.force, per_row=True)
-        except Exception:
-            if self._handle is not None:
-                self._handle = attach(self.model, list(self._attached.values()), force=self.force, per_row=True)
-            raise
-        self._handle, self._attached = handle, dict(adapters)
+        """Make ``adapters`` the model's, in place of the current set (kept when the new one is refused)."""
+        self.model.attach(adapters)
+        self._attached = dict(adapters)
         log.info("adapters attached: %s", ", ".join(adapters) or "none")
 
     def _loop(self) -> None:
@@ -246,17 +234,10 @@ class Engine:
 
     @property
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _index(self, rows: list[_Row]) -> list[int | None]:
-        names = list(self._attached)
-        return [None if row.request.adapter is None else names.index(row.request.adapter) for row in rows]
+        return self.model.device
 
     def _forward(self, rows, ids, mask, positions, cache) -> torch.Tensor:
-        with torch.inference_mode(), self._handle.rows(self._index(rows)):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.cache
+        return self.model.forward([row.request.adapter for row in rows], ids, mask, positions, cache)
 
     def _prefill(self, joining: list[_Row]) -> None:
         device = self._device

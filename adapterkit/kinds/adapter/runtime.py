@@ -31,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from adapterkit import targets
 from adapterkit.arrays import to_torch
+from adapterkit.attach.rows import EACH_ROW
 from adapterkit.attach.wrapper import AdapterWrapper, Derived, Entry, innermost, rows_of, share_rows
 from adapterkit.errors import RequestError
 from adapterkit.kinds.adapter import (DEFAULT_NON_LINEARITY, NON_LINEARITIES, ROLES, bottleneck_size,
@@ -102,6 +103,18 @@ class BottleneckRuntime(Runtime):
         down = tensors["down"]
         hidden = activate(F.linear(in_dtype(y, down.dtype), down, tensors["down_bias"]), tensors[SELECTOR])
         return y + in_dtype(F.linear(hidden, up, up_bias), y.dtype)
+
+    def after_rows(self, base, x, y, tensors, scale, rows):
+        """With a row's tensors per row (an ONNX adapter bank, ``rows`` :data:`EACH_ROW`): :meth:`after` as batched
+        products, row b with its own down/up projections ([batch, ...] each); else as every kind."""
+        if rows is not EACH_ROW:
+            return super().after_rows(base, x, y, tensors, scale, rows)
+        down, up, up_bias = tensors["down"], tensors["up"] * scale, tensors["up_bias"] * scale
+        flat = in_dtype(y, down.dtype).reshape(y.shape[0], -1, y.shape[-1])  # [batch, tokens, d]
+        hidden = activate(torch.bmm(flat, down.transpose(1, 2)) + tensors["down_bias"][:, None],
+                          tensors[SELECTOR][:, None])
+        change = torch.bmm(hidden, up.transpose(1, 2)) + up_bias[:, None]
+        return y + in_dtype(change.reshape(y.shape), y.dtype)
 
     def fold(self, component, target, roles, weight):
         """w folded into the up-projection and its bias (f sits after the down-projection: not there), and f as one

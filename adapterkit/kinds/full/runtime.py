@@ -84,7 +84,7 @@ class FullRuntime(Runtime):
 
     def install(self, handle, path, key, source, scale, component=None, target=None) -> None:
         module = innermost(handle.model.get_submodule(path))
-        if getattr(source, "selection", None) is not None:
+        if getattr(source, "selection", None) is not None or getattr(source, "each_row", False):
             return self._install_per_row(handle, path, key, source, module)
         for name in source.tensors():
             original = module._parameters.get(name)
@@ -107,7 +107,7 @@ class FullRuntime(Runtime):
                     module.register_parameter(name, None) if had_slot else delattr(module, name)))
 
     def _install_per_row(self, handle, path, key, source, module) -> None:
-        """A per-row attach: an entry on the module (and on every module sharing a tied parameter) that recomputes
+        """A per-row attach (or an ONNX adapter bank, whose tensors have a row each): an entry on the module (and on every module sharing a tied parameter) that recomputes
         its output with the adapter's tensors on the adapter's rows (:class:`ReplacedOnRows`)."""
         owners = {id(m): name for name, m in handle.model.named_modules(remove_duplicate=False)}
         for name in source.tensors():
@@ -117,7 +117,8 @@ class FullRuntime(Runtime):
                 renamed = Derived(source, lambda tensors, name=name, attribute=attribute: {attribute: tensors[name]})
                 wrapper = handle.wrapper(owners[id(owner)])
                 wrapper.add(f"{key}_{attribute}", ON_ROWS, renamed, 1.0)
-                wrapper.adapters[key] = source  # its parameters belong to the model (state dict, .to(device))
+                if isinstance(source, torch.nn.Module):  # its parameters belong to the model (state dict, .to(device))
+                    wrapper.adapters[key] = source
 
     # Merging replaces the tensor: the merge plan copies it in place of the base's (see adapterkit.merge).
 

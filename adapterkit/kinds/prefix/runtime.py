@@ -14,9 +14,10 @@ Positions: PEFT feeds the prefix as ``past_key_values``, so the model numbers th
 ``position_ids`` it is given). A forward pre-hook on the model does the same: ``position_ids`` (given, or 0..n-1
 after what a cache already holds) + p. With RoPE (Llama) or learned positions (GPT-2, BERT) this gives PEFT's logits.
 
-Per-row attach (mixed batches): row b gets its own adapter's prefix, of length pᵦ (0 for a row without one): the
-prefixes are padded with zeros to the longest and the padding masked out of attention, and row b's positions are
-shifted by its own pᵦ, which is what row b gets alone.
+Per-row attach (mixed batches) and the ONNX adapter bank: row b gets its own adapter's prefix, of length pᵦ (0 for
+a row without one): the prefixes are padded with zeros to the longest (the bank's: all its prefixes padded to one
+length, each with its length) and the padding masked out of attention, and row b's positions are shifted by its own
+pᵦ, which is what row b gets alone.
 """
 
 from __future__ import annotations
@@ -64,8 +65,20 @@ class PrefixStore(torch.nn.Module):
         """The row selection of a per-row attach, or None (every prefix acts on every row)."""
         return next((s.selection for s in self.sources if getattr(s, "selection", None) is not None), None)
 
+    @property
+    def each_row(self) -> bool:
+        """Whether the prefixes come from an ONNX adapter bank: tensors with a row each, and each row's length."""
+        return any(getattr(s, "each_row", False) for s in self.sources)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether rows have prefixes of their own (a per-row attach or an adapter bank)."""
+        return self.each_row or self.selection is not None
+
     def row_lengths(self) -> torch.Tensor:
-        """Per-row attach: each row's number of prefix positions (its adapter's prefixes; 0 without one)."""
+        """Each row's number of prefix positions (its adapter's prefixes; 0 without one)."""
+        if self.each_row:
+            return functools.reduce(torch.add, (s.tensors()["length"] for s in self.sources))
         selection = self.selection
         lengths = torch.zeros(selection.index.numel(), dtype=torch.long, device=selection.index.device)
         for source in self.sources:
@@ -76,7 +89,7 @@ class PrefixStore(torch.nn.Module):
                attention_mask: torch.Tensor | None, sliding_window: int | None = None):
         """Put the prefixes ([kv_heads, pᵢ, head_dim] each) in front of key/value ([batch, kv_heads, n, head_dim]),
         giving [batch, kv_heads, p+n, head_dim], and grow the mask to match."""
-        if self.selection is not None:
+        if self.per_row:
             return self._extend_rows(query, key, value, attention_mask, sliding_window)
         held = [source.tensors() for source in self.sources]
         batch, tokens = key.shape[0], key.shape[2]
@@ -85,21 +98,14 @@ class PrefixStore(torch.nn.Module):
                           dim=2)
         return key, value, _extend_mask(attention_mask, self.length, query.shape[2], tokens, sliding_window)
 
-
-    def _extend_rows(self, query, key, value, attention_mask, sliding_window):
-        """:meth:`extend` in a per-row attach: row b gets its adapter's pᵦ prefix positions, padded with zeros to
-        the longest p of the batch, and the padding masked, so each row attends exactly to its own prefix."""
-        if sliding_window is not None:
-            raise RequestError("per-row prefixes in a layer with a sliding window are not supported: attach the "
-                               "prefix alone")
-        selection = self.selection
-        lengths = self.row_lengths()
+    def _row_prefixes(self, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row attach: each row's prefix keys and values [batch, kv_heads, longest, head_dim], its adapter's
+        prefixes one after the other, zero-padded to the longest of the batch."""
+        selection, lengths = self.selection, self.row_lengths()
         longest = int(lengths.max()) if lengths.numel() else 0
-        if longest == 0:
-            return key, value, attention_mask
-        batch, kv_heads, tokens, head_dim = key.shape
+        batch, kv_heads, _, head_dim = key.shape
         keys = key.new_zeros(batch, kv_heads, longest, head_dim)
-        values = value.new_zeros(batch, kv_heads, longest, head_dim)
+        values = key.new_zeros(batch, kv_heads, longest, head_dim)
         filled: dict[int, int] = {}  # adapter -> prefix positions written (its prefixes follow each other)
         for source in self.sources:
             rows, held = selection.rows(source.adapter), source.tensors()
@@ -107,7 +113,26 @@ class PrefixStore(torch.nn.Module):
             end = filled[source.adapter] = start + held["prefix_key"].shape[1]
             if rows.numel():
                 keys[rows, :, start:end] = held["prefix_key"].to(key.dtype)
-                values[rows, :, start:end] = held["prefix_value"].to(value.dtype)
+                values[rows, :, start:end] = held["prefix_value"].to(key.dtype)
+        return keys, values
+
+    def _extend_rows(self, query, key, value, attention_mask, sliding_window):
+        """:meth:`extend` where rows have prefixes of their own: row b attends to its adapter's pᵦ prefix positions,
+        zero-padded to a common length (the longest of the batch, or the bank's) with the padding masked, so each
+        row attends exactly to its own prefix."""
+        if sliding_window is not None:
+            raise RequestError("per-row prefixes in a layer with a sliding window are not supported: attach the "
+                               "prefix alone")
+        if self.each_row:  # a bank: one source, gathered by each row's adapter index
+            held = self.sources[0].tensors()
+            keys, values = in_dtype(held["prefix_key"], key.dtype), in_dtype(held["prefix_value"], value.dtype)
+        else:
+            keys, values = self._row_prefixes(key)
+            if keys.shape[2] == 0:
+                return key, value, attention_mask
+        lengths = self.row_lengths()
+        batch, _, tokens, _ = key.shape
+        longest = keys.shape[2]
         allowed = torch.arange(longest, device=key.device)[None, :] < lengths[:, None]  # [batch, longest]
         queries = query.shape[2]
         if attention_mask is None:
@@ -214,7 +239,7 @@ def _shift_positions(stores: list[PrefixStore], numbering, args, kwargs):
     """The positions the model gives its tokens after p cached ones, as when PEFT feeds the prefix as past
     key/values (see the module docstring): ``position_ids`` + p, or the model's own padding-aware numbering
     continued after p (RoBERTa)."""
-    per_row = stores[0].selection is not None
+    per_row = stores[0].per_row
     if per_row:  # each row's own p: [batch, 1], added along the row
         longest = functools.reduce(torch.maximum, (store.row_lengths() for store in stores))[:, None]
     else:
