@@ -93,48 +93,24 @@ def test_generating_rows_with_mixed_adapters_and_lengths_equals_generate_alone(b
         assert tokens == expected, name
 
 
-def test_export_bank_from_the_command_line_verifies_row_by_row(tiny_llama_dir, bank, tmp_path):
-    _, _, model, adapters = bank
-    for name in ("lora_2", "prefix"):
-        save(adapters[name], tmp_path / f"{name}.safetensors")
-    done = call_cli("export", "--onnx", tiny_llama_dir, tmp_path / "lora_2.safetensors",
-                    tmp_path / "prefix.safetensors", "--unmerged", "--bank", "--verify", "-o", tmp_path / "plain")
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_banks_of_every_kind_on_gpt2_and_bert_from_the_command_line(family, tiny_dirs, tmp_path):
+    """GPT-2 (Conv1D layers, learned positions, a head tied to its embedding) and BERT (an encoder): every kind in
+    one bank (no cache), exported by ``adapterkit export --bank --verify``, whose checks run each row of one run
+    against torch with that row's adapter alone."""
+    model = load_base(tiny_dirs[family])
+    for seed, kind in enumerate(KINDS, 1):
+        save(random_adapter(kind, family, model, seed, VARIANTS[0]), tmp_path / f"{kind}.safetensors")
+    done = call_cli("export", "--onnx", tiny_dirs[family], *(tmp_path / f"{kind}.safetensors" for kind in KINDS),
+                    "--unmerged", "--bank", "--verify", "-o", tmp_path / "onnx")
     assert done.returncode == 0, done.stderr
     assert "an adapter bank" in done.stdout and "mixed batch" in done.stdout and "FAILED" not in done.stdout
-    runner = Runner(tmp_path / "plain")
-    assert runner.cache is None and runner.adapters == ["lora_2", "prefix"]
-    refused = call_cli("export", "--onnx", tiny_llama_dir, tmp_path / "prefix.safetensors", "--merged", "--bank",
+    runner = Runner(tmp_path / "onnx")
+    assert runner.cache is None and runner.adapters == list(KINDS)
+
+
+def test_a_bank_is_unmerged(tiny_llama_dir, tmp_path):
+    save(random_adapter("lora", "llama", load_base(tiny_llama_dir), 1, VARIANTS[0]), tmp_path / "a.safetensors")
+    refused = call_cli("export", "--onnx", tiny_llama_dir, tmp_path / "a.safetensors", "--merged", "--bank",
                        "-o", tmp_path / "merged")
-    assert refused.returncode != 0 and not (tmp_path / "merged").exists()
-
-
-def test_adapters_join_and_leave_the_bank_in_the_same_session(bank, tmp_path):
-    _, runner, model, adapters = bank
-    session = runner.session
-    late = random_adapter("lora", "llama", model, 99, VARIANTS[1])
-    save(late, tmp_path / "late.safetensors")
-    runner.add_adapter("late", tmp_path / "late.safetensors")
-    rows = ["late", "bitfit", None]
-    ids, mask = batch(len(rows), seed=2)
-    actual = runner.run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, rows)["logits"]
-    assert np.abs(actual - rows_alone(model, {**adapters, "late": late}, ids, mask, rows)).max() < ATOL
-    runner.remove_adapter("late")
-    with pytest.raises(RequestError, match="no adapter 'late'"):
-        runner.run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, rows)
-    assert runner.session is session and "late" not in runner.adapters
-    still = runner.run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, ["bitfit", "bitfit", None])
-    assert np.abs(still["logits"][1:] - actual[1:]).max() < ATOL, "the other adapters are untouched"
-
-
-def test_an_adapter_that_does_not_fit_the_graph_is_refused(bank, tmp_path):
-    _, runner, _, _ = bank
-    lora_a = next(slot for slot in runner.bank.empty if slot.endswith(".lora.lora_A"))
-    in_features = runner.bank.empty[lora_a].shape[1]
-    cases = {"elsewhere": ({"model.norm.lora.lora_A": torch.zeros(2, 3)}, "no input for"),
-             "misshapen": ({lora_a: torch.zeros(2, in_features + 1)}, "the graph takes"),
-             "nan": ({lora_a: torch.full((2, in_features), float("nan"))}, "NaN")}
-    for name, (feeds, message) in cases.items():
-        write_onnx_adapter(feeds, tmp_path / f"{name}.onnx_adapter")
-        with pytest.raises(AdapterError, match=message):
-            runner.add_adapter(name, tmp_path / f"{name}.onnx_adapter")
-        assert name not in runner.adapters
+    assert refused.returncode != 0 and "--unmerged" in refused.stderr and not (tmp_path / "merged").exists()

@@ -128,6 +128,7 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
         with tqdm(total=2 + len(adapters), desc="export", unit="step", disable=None) as progress:
             progress.set_postfix_str("tracing")
             onnx_model = _trace(torch_model, model, opset)
+            _check_dynamic(onnx_model, base)
             progress.update()
             add_defaults(onnx_model, torch_model.defaults)
             onnx.save(onnx_model, staging / MODEL_FILE)
@@ -189,6 +190,16 @@ def _input_names(torch_model: ExportableModel) -> list[str]:
 
 def _output_names(torch_model: ExportableModel, model: torch.nn.Module) -> list[str]:
     return [output_name(model), *_cache_names(torch_model, "present")]
+
+
+def _check_dynamic(onnx_model: onnx.ModelProto, base) -> None:
+    """Refuse a graph whose batch or sequence length the exporter fixed to the example's (it may specialise a dim
+    instead of failing): it would run only at those sizes."""
+    for described in io_description(onnx_model, TEXT_INPUTS):
+        if any(isinstance(dim, int) for dim in described["shape"]):
+            raise RequestError(f"the exported graph fixed the shape of {described['name']} to {described['shape']}; "
+                               "this model cannot be exported with dynamic batch and sequence (please report it)",
+                               base)
 
 
 def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | None) -> onnx.ModelProto:

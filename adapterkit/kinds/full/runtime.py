@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import torch
 from torch.nn.utils import parametrize
+from transformers.pytorch_utils import Conv1D
 
 from adapterkit import targets
 from adapterkit.arrays import to_torch
+from adapterkit.attach.rows import EACH_ROW
 from adapterkit.attach.wrapper import ADAPTER_PARAMETER, Derived, innermost
 from adapterkit.errors import RequestError
 from adapterkit.kinds.runtime import Runtime, in_dtype
@@ -144,6 +146,26 @@ class ReplacedOnRows(Runtime):
     def after(self, base, x, y, tensors, scale):
         module = innermost(base)
         return y + torch.func.functional_call(module, dict(tensors), (x,)) - module(x)
+
+    def after_rows(self, base, x, y, tensors, scale, rows):
+        """With a row's tensors per row (an ONNX adapter bank): an embedding or a linear layer computed with each
+        row's own weight as one gather or batched product (vectorising them row by row would fix the batch size in
+        the exported graph); any other module row by row, as every kind."""
+        module = innermost(base)
+        if rows is not EACH_ROW or not isinstance(module, (torch.nn.Embedding, torch.nn.Linear, Conv1D)):
+            return super().after_rows(base, x, y, tensors, scale, rows)
+        weight = tensors.get("weight", module.weight)
+        if weight.ndim == module.weight.ndim:  # only the bias is replaced: the base weight, for every row
+            weight = weight.expand(x.shape[0], *weight.shape)
+        if isinstance(module, torch.nn.Embedding):  # row b looks its tokens up in its own table
+            replaced = weight[torch.arange(x.shape[0], device=x.device)[:, None], x.reshape(x.shape[0], -1)]
+        else:
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            replaced = torch.bmm(flat, weight if isinstance(module, Conv1D) else weight.transpose(1, 2))
+            bias = tensors.get("bias", module.bias)
+            if bias is not None:
+                replaced = replaced + (bias[:, None] if bias.ndim == 2 else bias)
+        return y + replaced.reshape(y.shape) - module(x)
 
 
 RUNTIME = FullRuntime()
