@@ -11,7 +11,10 @@ Rows (the same requests, prompts and greedy decoding in each):
 - ``one at a time``: the same engine with a batch of one (each request waits for the one before);
 - ``one adapter``: every request on the same adapter, batched (the ceiling mixed batching aims at);
 - ``PEFT adapter_names``: PEFT's mixed-adapter batch ``generate(adapter_names=...)``, static batches of one request per
-  client (a batch starts when the previous one is done).
+  client (a batch starts when the previous one is done);
+- ``ONNX mixed`` / ``ONNX one adapter``: the same engine over the model exported with an adapter bank and a key/value
+  cache (``export --onnx --unmerged --bank --cache``), run in ONNX Runtime on the CPU (``adapterkit serve`` on an ONNX
+  folder); ``--no-onnx`` leaves them out.
 
 Prints generated tokens/s and p50/p99 request latency (submission to last token) for each, and the ratios the serving
 targets are about: mixed / one adapter (≥ 0.8) and mixed / one at a time (≥ 3). Clients are threads in this process
@@ -33,7 +36,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapterkit.converters import peft as peft_format
+from adapterkit.onnx.export import export_onnx
 from adapterkit.serve.engine import Engine, Request, Sampling
+from adapterkit.serve.models import OnnxModel
 
 
 def build_model(layers: int, hidden: int) -> LlamaForCausalLM:
@@ -135,7 +140,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="leave out the ONNX Runtime rows")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:  # the ONNX rows read the base's config from it while serving
+        run(args, Path(folder))
+
+
+def run(args, folder: Path) -> None:
 
     model = build_model(args.layers, args.hidden)
     generator = torch.Generator().manual_seed(1)
@@ -144,15 +155,21 @@ def main() -> None:
     names = [f"a{i}" for i in range(args.adapters)]
     mixed_jobs = [(names[i % args.adapters], prompt) for i, prompt in enumerate(prompts)]
     one_jobs = [(names[0], prompt) for prompt in prompts]
-    with tempfile.TemporaryDirectory() as folder:
-        paths = peft_adapters(model, args.adapters, args.rank, Path(folder))
-        ours = {name: peft_format.read(path, base=Path(folder) / "base") for name, path in zip(names, paths)}
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(model), paths[0], adapter_name=names[0]).eval()
-        for name, path in zip(names[1:], paths[1:]):
-            peft_model.load_adapter(path, adapter_name=name)
+    paths = peft_adapters(model, args.adapters, args.rank, folder)
+    ours = {name: peft_format.read(path, base=folder / "base") for name, path in zip(names, paths)}
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), paths[0], adapter_name=names[0]).eval()
+    for name, path in zip(names[1:], paths[1:]):
+        peft_model.load_adapter(path, adapter_name=name)
+    if args.onnx:
+        started = time.perf_counter()
+        export_onnx(folder / "base", list(ours.values()), folder / "onnx", merged=False, names=names, bank=True,
+                    cache=True)
+        print(f"exported the bank graph in {time.perf_counter() - started:.0f} s")
 
     rows = {"mixed": (mixed_jobs, args.clients), "one at a time": (mixed_jobs, 1),
             "one adapter": (one_jobs, args.clients), "PEFT adapter_names": (mixed_jobs, None)}
+    if args.onnx:
+        rows.update({"ONNX mixed": (mixed_jobs, args.clients), "ONNX one adapter": (one_jobs, args.clients)})
     results = {}
     for _ in range(args.rounds):  # the rows take turns; each keeps its best round (the machine's load varies)
         for label, (jobs, batch) in rows.items():
@@ -160,7 +177,8 @@ def main() -> None:
                 run_peft(peft_model, jobs[:args.clients], args.clients, 2)  # warm up
                 result = run_peft(peft_model, jobs, args.clients, args.max_tokens)
             else:
-                engine = Engine(model, ours, max_batch=batch, max_waiting=args.requests)
+                served = OnnxModel(folder / "onnx") if label.startswith("ONNX") else model
+                engine = Engine(served, ours, max_batch=batch, max_waiting=args.requests)
                 engine.start()
                 run_engine(engine, jobs[:batch], min(batch, args.clients), 2)  # warm up
                 result = run_engine(engine, jobs, args.clients, args.max_tokens)
@@ -182,6 +200,11 @@ def main() -> None:
     print(f"mixed / one at a time: {rates['mixed'] / rates['one at a time']:.2f}× (target ≥ 3)")
     print(f"mixed / PEFT adapter_names: {rates['mixed'] / rates['PEFT adapter_names']:.2f}×")
     print(f"answers equal to PEFT's (greedy, same adapter): {same} of {len(prompts)}")
+    if args.onnx:
+        print(f"ONNX mixed / ONNX one adapter: {rates['ONNX mixed'] / rates['ONNX one adapter']:.2f}×; "
+              f"ONNX mixed / torch mixed: {rates['ONNX mixed'] / rates['mixed']:.2f}×")
+        same = sum(results["ONNX mixed"][3][i] == results["PEFT adapter_names"][3][i] for i in range(len(prompts)))
+        print(f"ONNX answers equal to PEFT's: {same} of {len(prompts)}")
 
 
 if __name__ == "__main__":
