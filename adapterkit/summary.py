@@ -157,7 +157,10 @@ def render_folder(summary: dict) -> str:
     lines.append("inputs      " + ", ".join(f"{i.get('name')} {i.get('shape')}" for i in _dicts(summary.get("inputs"))))
     lines.append("outputs     " + ", ".join(f"{o.get('name')} {o.get('shape')}" for o in _dicts(summary.get("outputs"))))
     slots = _dicts(summary.get("adapter_inputs"))
-    if slots:
+    if slots and isinstance(summary.get("bank"), dict):
+        lines.append(f"adapter bank {len(slots)} optional inputs, stacked over the adapters (entry 0: the base "
+                     f"model); {summary['bank'].get('index')} picks each row's entry")
+    elif slots:
         lines.append(f"adapter slots {len(slots)} optional inputs (empty by default: the base model)")
     for adapter in _dicts(summary.get("adapters")):
         kinds = adapter.get("kinds") if isinstance(adapter.get("kinds"), list) else []

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A few minutes on a GPU machine (torch with CUDA, no network): what adapterkit does on CUDA, compared with the CPU.
 #   attach (every kind) · a few training steps · merge · mixed-batch serving (per-row adapters, the serving engine)
-#   · the ONNX runner on CUDA with IO binding (where an onnxruntime GPU build is installed)
+#   · the ONNX runner on CUDA with IO binding (where an onnxruntime GPU build is installed), with swappable adapters
+#     and with an adapter bank (a different adapter on each row of one run)
 # Each check prints the largest difference from the CPU result; the script exits 1 if one is above its tolerance.
 # Without CUDA (or with CUDA_VISIBLE_DEVICES=) it runs the same checks on the CPU against itself, as a dry run.
 # Usage: bash benchmarks/gpu_check.sh
@@ -164,6 +165,17 @@ with tempfile.TemporaryDirectory() as folder:
         out = runner.run({"input_ids": array, "attention_mask": (array * 0 + 1)}, adapter=name)["logits"]
         with attach(cpu_model, adapters[name]):
             check(f"ONNX ({runner.provider}) with {name} vs torch", logits(cpu_model, ids), torch.from_numpy(out), 1e-3)
+    bank_names = ["lora", "prefix", "ia3"]
+    export_onnx(f"{folder}/base", [adapters[name] for name in bank_names], f"{folder}/bank", merged=False,
+                names=bank_names, bank=True)
+    bank = Runner(f"{folder}/bank")
+    rows = [*bank_names, None]
+    out = bank.run({"input_ids": array, "attention_mask": (array * 0 + 1)}, adapter=rows)["logits"]
+    alone = []
+    for row, name in enumerate(rows):
+        with attach(cpu_model, adapters[name]) if name else torch.no_grad():
+            alone.append(logits(cpu_model, ids[row:row + 1]))
+    check(f"ONNX bank ({bank.provider}), one adapter a row vs torch", torch.cat(alone), torch.from_numpy(out), 1e-3)
 
 print("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
 sys.exit(1 if failed else 0)

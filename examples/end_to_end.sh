@@ -80,6 +80,23 @@ for adapter in [None, *runner.adapters]:
     print(f"{adapter or '(base)':<8} {tokenizer.decode(ids[0], skip_special_tokens=True)}")
 PY
 
+step "7b. One graph, a different adapter on each row: an adapter bank with a key/value cache" \
+  adapterkit export --onnx "$BASE" "$OUT/formal.safetensors" "$OUT/casual.safetensors" \
+    "$OUT/prefix.safetensors" --unmerged --bank --cache -o "$OUT/onnx_bank" --verify
+step "" python - "$OUT/onnx_bank" "$BASE" <<'PY'
+import sys
+from transformers import AutoTokenizer
+from adapterkit.onnx.runner import Runner
+
+runner = Runner(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
+prompts = ["dear customer ,", "hey ! sorry about", "thank you for contacting us about your refund", "we will"]
+rows = [*runner.adapters, None]
+for prompt, adapter, tokens in zip(prompts, rows, runner.generate_batch(
+        [tokenizer(p)["input_ids"] for p in prompts], rows, max_new_tokens=8)):  # one batch, one run per token
+    print(f"{adapter or '(base)':<8} {prompt} | {tokenizer.decode(tokens, skip_special_tokens=True)}")
+PY
+
 # A stand-in for huggingface.co on loopback (the same server the tests use): the real Hub client talks to it.
 python tests/hub_server.py --port 0 > "$OUT/hub.url" & HUB_PID=$!
 trap 'kill $HUB_PID 2>/dev/null' EXIT
