@@ -114,3 +114,18 @@ def test_a_bank_is_unmerged(tiny_llama_dir, tmp_path):
     refused = call_cli("export", "--onnx", tiny_llama_dir, tmp_path / "a.safetensors", "--merged", "--bank",
                        "-o", tmp_path / "merged")
     assert refused.returncode != 0 and "--unmerged" in refused.stderr and not (tmp_path / "merged").exists()
+
+
+def test_what_a_bank_cannot_hold_is_refused_in_one_line(tmp_path):
+    """A prefix per row under a sliding window (Mistral) is refused while tracing: the error is ours, one line, not
+    the exporter's report, and no folder is left."""
+    import families
+
+    families.build("mistral").save_pretrained(tmp_path / "mistral")
+    model = load_base(tmp_path / "mistral")
+    save(random_adapter("prefix", "llama", model, 1, VARIANTS[0]), tmp_path / "prefix.safetensors")
+    done = call_cli("export", "--onnx", tmp_path / "mistral", tmp_path / "prefix.safetensors", "--unmerged", "--bank",
+                    "-o", tmp_path / "onnx")
+    assert done.returncode == 1 and not (tmp_path / "onnx").exists()
+    assert done.stderr.splitlines()[-1].startswith("error: per-row prefixes") and "sliding window" in done.stderr
+    assert "torch.export" not in done.stderr

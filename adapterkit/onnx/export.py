@@ -26,7 +26,7 @@ from torch.export import Dim
 from tqdm.auto import tqdm
 
 from adapterkit.adapter import Adapter
-from adapterkit.errors import FormatError, RequestError
+from adapterkit.errors import AdapterError, FormatError, RequestError
 from adapterkit.fingerprint import check_base
 from adapterkit.io import outputs
 from adapterkit.kinds import get_kind
@@ -251,7 +251,8 @@ def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | No
     with warnings.catch_warnings():
         # A and B of one module share one Dim on purpose; the exporter warns that the second use adds no name
         warnings.filterwarnings("ignore", message="# The axis name")
-        program = torch.onnx.export(
+        program = _reporting_our_errors(
+            torch.onnx.export,
             torch_model, (*text_examples, *slot_examples), dynamo=True, opset_version=opset,
             input_names=[*_input_names(torch_model), *([INDEX_INPUT] if torch_model.bank else []),
                          *torch_model.slot_names],
@@ -259,3 +260,17 @@ def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | No
             dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
         )
     return program.model_proto
+
+
+def _reporting_our_errors(export, *args, **kwargs):
+    """``export(*args, **kwargs)``, where an adapterkit error raised inside the traced forward (an adapter the
+    model cannot run that way) comes out as itself, not wrapped in the exporter's report."""
+    try:
+        return export(*args, **kwargs)
+    except Exception as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, AdapterError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None

@@ -121,8 +121,8 @@ class PrefixStore(torch.nn.Module):
         zero-padded to a common length (the longest of the batch, or the bank's) with the padding masked, so each
         row attends exactly to its own prefix."""
         if sliding_window is not None:
-            raise RequestError("per-row prefixes in a layer with a sliding window are not supported: attach the "
-                               "prefix alone")
+            raise RequestError("per-row prefixes (a mixed batch, an ONNX adapter bank) in a layer with a sliding "
+                               "window are not supported: attach or export the prefix alone")
         if self.each_row:  # a bank: one source, gathered by each row's adapter index
             held = self.sources[0].tensors()
             keys, values = in_dtype(held["prefix_key"], key.dtype), in_dtype(held["prefix_value"], value.dtype)
