@@ -53,7 +53,11 @@ REPO = "me/faults"
 #: the child: adapterkit's main(), with the pause hook announcing (by creating a file) that the output is complete
 CHILD = r"""
 import os
+import signal
 from adapterkit.io import outputs
+
+# Ctrl-C as in a terminal, also when the tests run in the background (where SIGINT is ignored, and inherited so)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 announce = os.environ.get("ADAPTERKIT_TEST_PAUSED")
 if announce:
