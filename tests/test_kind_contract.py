@@ -10,7 +10,8 @@ GPT-2 and BERT through:
 - detach, which gives the model back bit for bit (same objects, same values);
 - merge against attach, and unmerge back to the base (or the refusal, for a kind that cannot be merged or undone);
 - compose with itself: [a, a] with weights ½, ½ is a (weighted kinds), [a] alone is a (the others), or a refusal;
-- the unmerged ONNX graph with the adapter active against attach, and with none against the base;
+- the unmerged ONNX graph (one per model, an adapter of every kind in it) with the adapter active against attach,
+  and with none against the base;
 - the PEFT round trip where PEFT has the kind (a kind PEFT only carries inside another method rides on a LoRA);
 - training: the loss falls when only the adapter's tensors are trained.
 """
@@ -120,21 +121,53 @@ def test_compose_with_itself(case):
         torch.testing.assert_close(output(model), reference, atol=1e-5, rtol=1e-5)
 
 
-def test_unmerged_onnx_graph_equals_attach(case, tiny_dirs, tmp_path):
+@pytest.fixture(scope="module")
+def onnx_graphs(tiny_dirs, tmp_path_factory):
+    """Unmerged ONNX graphs per model holding an adapter of every kind (exported on first use), with their runners:
+    each case activates its own kind's adapter, every other slot at its default. Kinds share a graph unless the
+    exporter refuses them together (a full replacement of a weight a DoRA slot reads), then the rest start another."""
     from adapterkit.onnx.export import export_onnx, load_base
     from adapterkit.onnx.runner import Runner
+    from adapterkit.onnx.slots import adapter_feeds, check_slots
 
+    graphs = {}
+
+    def graph(name: str):
+        if name not in graphs:
+            model = load_base(tiny_dirs[name])  # sdpa attention, as the export loads it
+            adapters = {kind: random_adapter(kind, model) for kind in KINDS}
+            groups: list[dict] = []
+            for kind, adapter in adapters.items():
+                for group in groups:
+                    try:
+                        check_slots({s for a in [*group.values(), adapter] for s in adapter_feeds(a, 1.0, model)})
+                    except RequestError:
+                        continue
+                    group[kind] = adapter
+                    break
+                else:
+                    groups.append({kind: adapter})
+            runners = {}
+            for number, group in enumerate(groups):
+                folder = tmp_path_factory.mktemp(f"onnx-{name}-{number}") / "onnx"
+                export_onnx(tiny_dirs[name], list(group.values()), folder, merged=False, names=list(group))
+                runners.update(dict.fromkeys(group, Runner(folder)))
+            graphs[name] = model, adapters, runners
+        return graphs[name]
+
+    return graph
+
+
+def test_unmerged_onnx_graph_equals_attach(case, onnx_graphs):
     kind, name, _, _ = case
-    model = load_base(tiny_dirs[name])  # sdpa attention, as the export loads it
-    adapter = random_adapter(kind, model)
-    export_onnx(tiny_dirs[name], [adapter], tmp_path / "onnx", merged=False, names=["a"])
-    runner = Runner(tmp_path / "onnx")
+    model, adapters, runners = onnx_graphs(name)
+    runner = runners[kind]
     inputs = {"input_ids": IDS.numpy(), "attention_mask": MASK.numpy()}
     field = runner.output_names[0]
-    with attach(model, adapter):
+    with attach(model, adapters[kind]):
         expected = output(model)
     rows = MASK.bool()  # padded positions of a causal LM are not compared (their values are not defined)
-    actual = torch.from_numpy(runner.run(inputs, "a")[field])
+    actual = torch.from_numpy(runner.run(inputs, kind)[field])
     torch.testing.assert_close(actual[rows], expected[rows], atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.from_numpy(runner.run(inputs)[field])[rows], output(model)[rows], atol=1e-4,
                                rtol=0)

@@ -129,3 +129,21 @@ def test_what_a_bank_cannot_hold_is_refused_in_one_line(tmp_path):
     assert done.returncode == 1 and not (tmp_path / "onnx").exists()
     assert done.stderr.splitlines()[-1].startswith("error: per-row prefixes") and "sliding window" in done.stderr
     assert "torch.export" not in done.stderr
+
+
+def test_a_dora_slot_and_a_full_replacement_of_its_weight_cannot_share_a_graph(tiny_llama_dir, tmp_path):
+    """DoRA's empty value is the base weight's norm: with a full adapter replacing that weight active, the "empty"
+    DoRA would rescale it. Refused before any tracing, with or without a bank."""
+    from adapterkit import Adapter, Manifest
+    from adapterkit.train.init import new_components
+
+    model = load_base(tiny_llama_dir)
+    target = "model.layers.0.self_attn.q_proj"
+    components, tensors = new_components(model, "full", targets=[target])
+    full = Adapter(Manifest(components, random_adapter("dora", "llama", model, 1, VARIANTS[0]).manifest.base_model),
+                   tensors)
+    dora = random_adapter("dora", "llama", model, 2, VARIANTS[0])
+    for bank in (False, True):
+        with pytest.raises(RequestError, match=f"{target}: a dora adapter and a full adapter .* cannot share one graph"):
+            export_onnx(tiny_llama_dir, [full, dora], tmp_path / "onnx", merged=False, bank=bank)
+        assert not (tmp_path / "onnx").exists()

@@ -45,6 +45,9 @@ class Runtime:
     #: ONNX: role -> the axis whose length differs between adapters (a rank, a prefix length); other roles have a
     #: fixed shape. An absent adapter is the slot at length 0 there, or :meth:`empty` for fixed shapes.
     dynamic_axes: Mapping[str, int] = {}
+    #: ONNX: the base module's parameters the value of an absent adapter (:meth:`empty`) is computed from: it stays
+    #: "no adapter" only while the module keeps them (DoRA's magnitude is the base weight's norm)
+    empty_reads: tuple[str, ...] = ()
 
     # -- forward: one function for attach (parameters, scale) and export (folded graph inputs, scale 1) ---------------
 

@@ -36,7 +36,7 @@ from adapterkit.onnx.bank import INDEX_INPUT, LENGTH_ROLE, length_slots
 from adapterkit.onnx.exportable import (CachedExportableModel, ExportableModel, bank_defaults, output_name,
                                         slot_defaults)
 from adapterkit.onnx.graph import add_defaults, io_description
-from adapterkit.onnx.slots import adapter_feeds, split_slot
+from adapterkit.onnx.slots import adapter_feeds, check_slots, split_slot
 from adapterkit.values import check_weights
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def export_onnx(base: str | os.PathLike, adapters: Sequence[Adapter], output: st
             feeds = {name: adapter_feeds(adapter, weight, model)
                      for name, adapter, weight in zip(names, adapters, weights)}
             examples = {slot: tensor for adapter_feed in feeds.values() for slot, tensor in adapter_feed.items()}
+            check_slots(examples)
             empty = slot_defaults(model, examples)
             torch_model = exportable(model, bank_defaults(empty), bank=True) if bank else exportable(model, empty)
         with tqdm(total=2 + len(adapters), desc="export", unit="step", disable=None) as progress:

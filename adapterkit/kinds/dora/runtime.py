@@ -67,6 +67,7 @@ def row_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
 class DoRARuntime(Runtime):
     dynamic_axes = {"lora_A": 0, "lora_B": 1}  # the magnitude has the fixed shape [out]
     merged_parameters = ("weight",)
+    empty_reads = ("weight",)
 
     def __init__(self, first: bool = True):
         #: whether this entry is the first on its module (then base(x) − b is x Wᵀ)
