@@ -93,7 +93,7 @@ def quality(out: str, epochs: int) -> dict:
         loaded = load_base(base, "classify", examples.labels, config.seed, precision)
         model = loaded.model.requires_grad_(False)
         for module in model.modules():  # PEFT gets torchao's own int8 linear, not adapterkit's frozen wrapper
-            if isinstance(module, torch.nn.Linear) and type(module).__name__ == "FrozenInt8Linear":
+            if isinstance(module, torch.nn.Linear) and type(module).__name__ == "FrozenHeldLinear":
                 module.__class__ = torch.nn.Linear
         components, tensors = new_components(model, "lora", options=config.options, head=loaded.head,
                                              generator=torch.Generator().manual_seed(config.seed))

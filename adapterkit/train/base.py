@@ -32,11 +32,12 @@ class LoadedBase:
 
 
 def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = None, seed: int = 0,
-              precision: str = "float32") -> LoadedBase:
+              precision: str = "float32", device="cpu") -> LoadedBase:
     """The model of ``path`` (an HF folder) for ``task``, its tokenizer, and its head modules, on the CPU, held in
-    ``precision`` (:mod:`adapterkit.precision`: ``float32``, ``bfloat16``, or ``int8`` / ``nf4`` weights in the linear
-    layers, quantized after a float32 load; the head stays as initialised)."""
-    from adapterkit.precision import check, compute_dtype, hold, is_quantized_precision
+    ``precision`` for computing on ``device`` (:mod:`adapterkit.precision`: ``float32``, ``bfloat16``, or ``int8`` /
+    ``nf4`` weights in the linear layers; the head stays as initialised). A held base is converted after a float32
+    load: loading peaks at the float32 model's size."""
+    from adapterkit.precision import check, compute_dtype, hold, holds_linear_weights
 
     check(precision)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -55,7 +56,7 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
     model_class = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     torch.manual_seed(seed)  # the head's initialisation
     try:
-        model, info = model_class.from_pretrained(path, output_loading_info=True, dtype=compute_dtype(precision),
+        model, info = model_class.from_pretrained(path, output_loading_info=True, dtype=compute_dtype(precision, device),
                                                   **options)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
@@ -68,8 +69,8 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
     head = sorted({name.rpartition(".")[0] for name in info.get("missing_keys", ()) if name in parameters})
     if head:
         log.info("new head modules (trained in full, saved with the adapter): %s", ", ".join(head))
-    if is_quantized_precision(precision):
-        hold(model.requires_grad_(False), precision, keep=head)
+    if holds_linear_weights(precision, device):
+        hold(model.requires_grad_(False), precision, keep=head, device=device)
     return LoadedBase(model, tokenizer, head)
 
 
