@@ -233,6 +233,16 @@ def release_freed_memory() -> None:
     trim(0)
 
 
+def own_storage(model) -> None:
+    """Give every parameter of ``model`` not held quantized a copy of its own. transformers loads a checkpoint's
+    tensors as views of the file mapped into memory (safetensors): the tensors left as loaded keep the whole mapping
+    alive, and with it every page :func:`hold` read while converting the weights, resident in the process (measured:
+    a 335M-parameter float32 checkpoint held in nf4 kept its 1.2 GB file resident)."""
+    for parameter in model.parameters():
+        if not is_quantized(parameter):
+            parameter.data = parameter.data.clone()
+
+
 _CLASSES: dict[str, type] = {}
 
 

@@ -164,7 +164,8 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
             base_model.fingerprint, base_model.fingerprints = None, {}
         adapter = Adapter(Manifest(components=components, base_model=base_model), tensors)
         # The adapter's tensors train in float32 over any precision. Attach also checks the model against the folder's
-        # fingerprint; a model whose linear weights are held apart no longer gives them back: then the folder is checked.
+        # fingerprint; a model whose linear weights are held converted no longer gives them back: then the folder is
+        # checked.
         held = precision.holds_linear_weights(config.base_precision, procs.device)
         handle = attach(model, adapter, trainable=True, dtype=torch.float32, reference=base if held else None)
         parameters = list(handle.parameters())
