@@ -25,7 +25,14 @@
     peak ≤ 0.3 × the float32 peak; the ratio of peak training memory to weight memory for LoRA over 4-bit far below
     full fine-tuning's.
 
-    nice .venv/bin/python benchmarks/low_precision.py [--part quality|memory|both] [--out bench-output/low_precision]
+(c) Loading: a generated Llama of about 335M parameters (hidden 1024, intermediate 2816, 24 layers) saved as a
+    float32 checkpoint under ``--out`` (1.3 GB), loaded by ``adapterkit.train.base.load_base`` in float32, int8 and
+    nf4, one fresh process each, its resident set sampled every 10 ms, split into anonymous memory and pages of files
+    mapped into the process (the checkpoint: transformers maps safetensors files; those pages are clean, so the
+    kernel can drop them under pressure, but they count in the resident set); for float32 also after reading every
+    weight once, as a training step does.
+
+    nice .venv/bin/python benchmarks/low_precision.py [--part quality|memory|loading|all] [--out DIR]
 """
 
 from __future__ import annotations
@@ -277,7 +284,8 @@ def memory(steps: int, reference_steps: int, threads: int) -> dict:
     mixed = full_estimate_mb(float32, float32, 18)
     mixed_weights = 2 * float32["parameters"] / 2**20
     print(f"  full fine-tuning, AdamW, float32 (computed): weights {float32['weight_mb']:5.0f} MB, peak "
-          f"{full:5.0f} MB, peak/weights {full / float32['weight_mb']:5.2f}x, peak/float32 LoRA peak {full / float32['peak_mb']:.2f}")
+          f"{full:5.0f} MB, peak/weights {full / float32['weight_mb']:5.2f}x, peak/float32 LoRA peak "
+          f"{full / float32['peak_mb']:.2f}")
     print(f"  full fine-tuning, AdamW, mixed precision (computed): weights {mixed_weights:5.0f} MB (bfloat16), peak "
           f"{mixed:5.0f} MB, peak/weights {mixed / mixed_weights:5.2f}x (18 bytes a parameter alone: 9x)")
     for checkpointing in (True, False):
@@ -292,13 +300,102 @@ def memory(steps: int, reference_steps: int, threads: int) -> dict:
             "tinyllama": [rows[key] for key in ROWS], "full_estimate_mb": full, "mixed_estimate_mb": mixed}
 
 
+# -- (c) loading --------------------------------------------------------------------------------------------------------
+
+LOADING = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+               num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def rss_parts_mb() -> dict:
+    """The resident set now: anonymous memory and mapped files' pages (``RssAnon``, ``RssFile``), in MB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in f
+                if line.startswith(("RssAnon", "RssFile"))}
+
+
+def loading_worker(path: str, precision: str) -> None:
+    """Load ``path`` in ``precision`` in this fresh process, sampling its resident set: prints one JSON line."""
+    import threading
+
+    from adapterkit.train.base import load_base
+
+    torch.set_num_threads(1)
+    if precision != "float32":
+        precisions._torchao()  # imported before the baseline, as float32 needs no torchao
+    peaks, running = {"RssAnon": 0.0, "RssFile": 0.0, "total": 0.0}, [True]
+
+    def sample() -> None:
+        while running:
+            now = rss_parts_mb()
+            peaks.update(RssAnon=max(peaks["RssAnon"], now["RssAnon"]), RssFile=max(peaks["RssFile"], now["RssFile"]),
+                         total=max(peaks["total"], now["RssAnon"] + now["RssFile"]))
+            time.sleep(0.01)
+
+    before = rss_parts_mb()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    model = load_base(path, "causal-lm", precision=precision).model
+    seconds = time.perf_counter() - started
+    loaded = rss_parts_mb()
+    with torch.no_grad():  # read every weight once, as a training step does
+        for parameter in model.parameters():
+            if not precisions.is_quantized(parameter):
+                parameter.sum()
+    read = rss_parts_mb()
+    running.clear()
+    sampler.join()
+    print(json.dumps({"precision": precision, "parameters": sum(p.numel() for p in model.parameters()),
+                      "weight_mb": held_bytes(model) / 2**20, "before": before,
+                      "peak": peaks, "loaded": loaded, "read": read, "peak_rss_mb": peak_rss_mb(),
+                      "seconds": seconds}))
+
+
+def loading(out: str) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapterkit.example import build_example
+
+    path = os.path.join(out, "llama-335m")
+    if not os.path.isdir(path):
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**LOADING)).save_pretrained(path)
+        tokenizer = build_example(os.path.join(out, "example"))["llama"]
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            with open(os.path.join(tokenizer, name), "rb") as source, open(os.path.join(path, name), "wb") as target:
+                target.write(source.read())
+    size = os.path.getsize(os.path.join(path, "model.safetensors")) / 2**20
+    print(f"\n(c) loading a generated Llama (hidden {LOADING['hidden_size']}, {LOADING['num_hidden_layers']} layers), "
+          f"float32 checkpoint {size:.0f} MB; resident set sampled every 10 ms, anonymous + mapped file pages, MB "
+          f"above the process before loading")
+    rows = {}
+    for precision in ("float32", "int8", "nf4"):
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--loading-worker", path, precision],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"loading {precision} failed:\n{done.stderr[-3000:]}")
+        rows[precision] = row = json.loads(done.stdout.strip().splitlines()[-1])
+        base = row["before"]["RssAnon"] + row["before"]["RssFile"]
+        print(f"  {precision:<8} {row['parameters'] / 1e6:.0f}M parameters, weights {row['weight_mb']:5.0f} MB; "
+              f"loading peak {row['peak']['total'] - base:5.0f} "
+              f"(anonymous {row['peak']['RssAnon'] - row['before']['RssAnon']:5.0f}, file "
+              f"{row['peak']['RssFile'] - row['before']['RssFile']:5.0f}); after loading "
+              f"{row['loaded']['RssAnon'] + row['loaded']['RssFile'] - base:5.0f}; after reading every weight "
+              f"{row['read']['RssAnon'] + row['read']['RssFile'] - base:5.0f} (file "
+              f"{row['read']['RssFile'] - row['before']['RssFile']:5.0f}); {row['seconds']:.1f} s", flush=True)
+    return rows
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--loading-worker":
+        loading_worker(*sys.argv[2:4])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         shape, precision, method, steps, threads, checkpointing, trim = sys.argv[2:9]
         memory_worker(shape, precision, method, int(steps), int(threads), checkpointing == "1", trim == "1")
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("quality", "memory", "both"), default="both")
+    parser.add_argument("--part", choices=("quality", "memory", "loading", "all"), default="all")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="LoRA steps per checkpointed row in (b)")
     parser.add_argument("--reference-steps", type=int, default=2,
@@ -310,10 +407,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    if args.part in ("quality", "both"):
+    if args.part in ("quality", "all"):
         results["quality"] = quality(args.out, args.epochs)
-    if args.part in ("memory", "both"):
+    if args.part in ("memory", "all"):
         results["memory"] = memory(args.steps, args.reference_steps, args.threads)
+    if args.part in ("loading", "all"):
+        results["loading"] = loading(args.out)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
 
