@@ -193,3 +193,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(example, held_
     assert sum(g.abs().sum() for g in grads) > 0  # gradients reach the adapter
     for plain, checkpointed in zip(grads, grads_checkpointed, strict=True):
         assert torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-6), (plain - checkpointed).abs().max()
+
+
+def test_train_gradient_checkpointing_option_is_recorded(example, tmp_path):
+    path = tmp_path / "checkpointed.safetensors"
+    result = CliRunner().invoke(cli, ["train", str(example["llama"]), "--data", str(example["support_sample"]),
+                                      "--steps", "2", "--batch-size", "4", "--base-precision", "nf4",
+                                      "--gradient-checkpointing", "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    training = adapterkit.load(path).manifest.training
+    assert training["gradient_checkpointing"] is True and training["base_precision"] == "nf4"
