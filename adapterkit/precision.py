@@ -191,6 +191,7 @@ def hold(model, precision: str, keep: Iterable[str] = (), device="cpu") -> dict[
                 parameter.data = parameter.data.to(torch.bfloat16)
         release_freed_memory()
         return counts
+    map_large_blocks()
     for name, module in list(model.named_modules()):
         if not quantizable(name, module, keep):
             continue
@@ -211,26 +212,41 @@ def hold(model, precision: str, keep: Iterable[str] = (), device="cpu") -> dict[
     return counts
 
 
-@functools.cache
-def _malloc_trim():
+#: glibc's ``mallopt`` parameter for the size from which malloc serves a block by a mapping of its own, and ours
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 1 << 20
+
+
+def _libc(function: str):
+    """``function`` of this process's C library (glibc's malloc tuning), or None where it has none."""
     import ctypes
 
     try:
-        return ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), function)
     except (OSError, AttributeError):
+        log.debug("no %s in this C library: the allocator keeps its defaults", function)
         return None
 
 
 def release_freed_memory() -> None:
     """Hand memory the allocator holds free back to the operating system (``malloc_trim(0)``): glibc's malloc keeps
     freed blocks below its mmap threshold (up to 32 MB) for reuse, so the float32 originals freed by :func:`hold`
-    would stay in the process's resident set. Best-effort: where the C library has no ``malloc_trim`` (not glibc)
-    nothing is released."""
-    trim = _malloc_trim()
-    if trim is None:
-        log.debug("no malloc_trim in this C library: freed memory stays with the allocator")
-        return
-    trim(0)
+    would stay in the process's resident set. Best-effort: only where the C library has ``malloc_trim`` (glibc)."""
+    trim = _libc("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def map_large_blocks() -> None:
+    """Have malloc serve every block of 1 MiB or more by a mapping of its own, handed back when freed (glibc's
+    ``mallopt(M_MMAP_THRESHOLD)``; by default the threshold climbs to 32 MB as such blocks are freed, and then they
+    come from the heap). A base held in a lower precision is converted to float32 for each product, in the forward
+    and the backward pass: those temporaries, between the activations and gradients that stay, fragment the heap,
+    which keeps growing (measured: LoRA over a 1.1B Llama in nf4 with gradient checkpointing peaked at 0.94 times
+    the float32 base's peak). Process-wide, once; best-effort, as :func:`release_freed_memory`."""
+    mallopt = _libc("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def own_storage(model) -> None:

@@ -16,7 +16,7 @@
     process per row; its peak resident set (``ru_maxrss``) is the peak memory. bfloat16 on a CPU holds the linear
     weights in bfloat16 and computes in float32 (``adapterkit.precision``). The rows without checkpointing and the
     bfloat16 row run fewer steps (``--reference-steps``): the peak is reached in the first step (the AdamW state of
-    the 1.1M LoRA parameters is 9 MB). One more process builds the nf4 model without handing the staging back, to
+    the 1.1M LoRA parameters is 9 MB). One more process builds the int8 model without handing the staging back, to
     show what that does. Full fine-tuning with AdamW is measured on a smaller generated Llama where it fits (to check
     the estimate) and computed for 1.1B: in float32, weights + gradients + two AdamW moments (16 bytes per
     parameter); mixed precision as the survey (Lialin et al. 2023) counts it, bfloat16 weights + a float32 master
@@ -274,9 +274,9 @@ def memory(steps: int, reference_steps: int, threads: int) -> dict:
               f"{row['peak_mb'] / reference['peak_mb']:.2f}, "
               f"{row['seconds_per_step']:.1f} s/step ({count} steps; loss {row['losses'][0]:.4f} -> "
               f"{row['losses'][1]:.4f})", flush=True)
-    untrimmed = run_worker("tinyllama", "nf4", "lora", 0, threads, trim=False)
-    trimmed = rows["nf4", False]
-    print(f"  nf4 built without handing the freed staging back (no malloc_trim): {untrimmed['holding_mb']:.0f} MB "
+    untrimmed = run_worker("tinyllama", "int8", "lora", 0, threads, trim=False)
+    trimmed = rows["int8", True]
+    print(f"  int8 built without handing the freed staging back (no malloc_trim): {untrimmed['holding_mb']:.0f} MB "
           f"peak / {untrimmed['resident_mb']:.0f} MB resident after building (handed back: "
           f"{trimmed['holding_mb']:.0f} / {trimmed['resident_mb']:.0f} MB)", flush=True)
     float32 = rows["float32", False]
@@ -296,7 +296,7 @@ def memory(steps: int, reference_steps: int, threads: int) -> dict:
     print(f"peak/weights: LoRA over nf4 checkpointed {qlora['peak_mb'] / qlora['weight_mb']:.2f}x; full fine-tuning "
           f"float32 {full / float32['weight_mb']:.2f}x, mixed precision {mixed / mixed_weights:.2f}x; LoRA over nf4 "
           f"checkpointed needs {qlora['peak_mb'] / full:.3f}x the memory of float32 full fine-tuning")
-    return {"small_lora": small_lora, "small_full": small_full, "untrimmed_nf4": untrimmed,
+    return {"small_lora": small_lora, "small_full": small_full, "untrimmed_int8": untrimmed,
             "tinyllama": [rows[key] for key in ROWS], "full_estimate_mb": full, "mixed_estimate_mb": mixed}
 
 
