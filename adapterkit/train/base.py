@@ -36,8 +36,8 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
     """The model of ``path`` (an HF folder) for ``task``, its tokenizer, and its head modules, on the CPU, held in
     ``precision`` for computing on ``device`` (:mod:`adapterkit.precision`: ``float32``, ``bfloat16``, or ``int8`` /
     ``nf4`` weights in the linear layers; the head stays as initialised). A held base is converted after a float32
-    load, so loading peaks above the float32 checkpoint's size (measured for a 1.3 GB checkpoint held in nf4: 2.1 GB
-    at the peak, 0.8 GB resident after); training peaks no lower."""
+    load, so loading peaks above loading in float32 (``benchmarks/low_precision.py --part loading``: a 1.3 GB
+    checkpoint in nf4 took 1.76 GB at the peak against 1.46 GB in float32, 0.48 GB after); training peaks no lower."""
     from adapterkit.precision import check, compute_dtype, hold, holds_linear_weights, own_storage
 
     check(precision)
