@@ -5,34 +5,39 @@ through the dequantized weights to the adapter).
 Precisions (``--base-precision``):
 
 - ``float32``: the base as loaded (the default);
-- ``bfloat16``: every parameter of the base in bfloat16, computed in bfloat16;
+- ``bfloat16``: on a GPU, every parameter of the base in bfloat16, computed in bfloat16. On a CPU, the weight of
+  every linear layer held in bfloat16 and computed in float32 like ``int8`` and ``nf4`` below (measured on this
+  project's AVX2 CPU, which has no bfloat16 instructions: a bfloat16 matrix product, forward and backward, is about
+  140 times slower than a float32 one; converting the weight to float32 for each product costs about 1.3 times
+  one float32 product). The weights take the same memory either way; the activations are float32 on a CPU;
 - ``int8``: the weight of every linear layer of the base in int8, one float32 scale per output row (absmax,
   symmetric): torchao's weight-only int8 (``quantize_`` with ``Int8WeightOnlyConfig``, the format PEFT's torchao
   support trains over). Its linear runs above autograd, which then keeps the dequantized float32 copy of every weight
   for the backward pass (measured: training over it took about as much memory as over float32), so the module runs
-  it inside :class:`FrozenInt8Linear`, which keeps the int8 weight instead and dequantizes it again for the
+  it inside :class:`FrozenHeldLinear`, which keeps the int8 weight instead and dequantizes it again for the
   backward pass, as torchao's NF4 linear does (torchao's ``Int8QuantizedTrainingLinearWeight`` does that too, but
   also computes the weight's gradient, measured 1.4 times slower, and fails on some non-contiguous gradients);
 - ``nf4``: the weight of every linear layer in 4-bit NormalFloat, blocks of 64 with double-quantized scales
   (torchao's ``NF4Tensor``, what torchtune's QLoRA uses).
 
-For ``int8`` and ``nf4`` everything else (embeddings, norms, biases, the output head) stays in float32, and so does the
-computation: a quantized weight is dequantized to float32 for each product, in the forward and the backward pass
-(measured on an AVX2 CPU: bfloat16 matrix products are about 20 times slower than float32 ones). The output heads
-(``lm_head``, ``classifier``, ``score``, ... and a new task head) are never quantized, as in QLoRA.
+For ``int8``, ``nf4`` and ``bfloat16`` on a CPU everything else (embeddings, norms, biases, the output head) stays in
+float32, and so does the computation: a held weight is converted to float32 for each product, in the forward and the
+backward pass. The output heads (``lm_head``, ``classifier``, ``score``, ... and a new task head) are never held in a
+lower precision, as in QLoRA.
 
-The quantized weights stay inside the model's own ``nn.Linear`` modules as tensor subclasses with the weight's
-shape, so every kind's runtime finds the modules it knows; :func:`dense` gives a weight's value back (DoRA's norm,
-``full``'s starting copy). The adapter's tensors stay float32 over any precision (attach with ``dtype=float32``); the
-runtimes compute the adapter in its own dtype and hand the module's output back in the base's.
+The held weights stay inside the model's own ``nn.Linear`` modules (quantized ones as tensor subclasses with the
+weight's shape), so every kind's runtime finds the modules it knows; :func:`dense` gives a weight's value back (DoRA's
+norm, ``full``'s starting copy). The adapter's tensors stay float32 over any precision (attach with
+``dtype=float32``); the runtimes compute the adapter in its own dtype and hand the module's output back in the base's.
 
 The adapter belongs to the full-precision base it was trained over: the manifest records the checkpoint folder's
-fingerprints (a quantized model no longer gives its weights back, so attach checks it against the folder) and the
-precision in ``training.base_precision``.
+fingerprints (a base held in a lower precision no longer gives its weights back, so attach checks it against the
+folder) and the precision in ``training.base_precision``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Iterable
 
@@ -55,15 +60,25 @@ def check(precision: str) -> str:
     return precision
 
 
-def is_quantized_precision(precision: str) -> bool:
-    return check(precision) in QUANTIZED
-
-
-def compute_dtype(precision: str):
-    """The dtype the base computes in (and holds its unquantized tensors in) at ``precision``."""
+def native_bfloat16(device="cpu") -> bool:
+    """Whether ``bfloat16`` computes in bfloat16 on ``device`` (a GPU) rather than holding the linear weights in
+    bfloat16 and computing in float32 (a CPU: see the module's notes)."""
     import torch
 
-    return torch.bfloat16 if check(precision) == "bfloat16" else torch.float32
+    return torch.device(device).type != "cpu"
+
+
+def holds_linear_weights(precision: str, device="cpu") -> bool:
+    """Whether at ``precision`` on ``device`` the linear weights are held apart from the computation, converted to
+    float32 for each product: ``int8``, ``nf4``, and ``bfloat16`` on a CPU."""
+    return check(precision) in QUANTIZED or (precision == "bfloat16" and not native_bfloat16(device))
+
+
+def compute_dtype(precision: str, device="cpu"):
+    """The dtype the base computes in (and holds its other tensors in) at ``precision`` on ``device``."""
+    import torch
+
+    return torch.bfloat16 if check(precision) == "bfloat16" and native_bfloat16(device) else torch.float32
 
 
 def _torchao():
@@ -139,6 +154,13 @@ def quantize_weight(weight, precision: str):
     raise RequestError(f"{precision} is not a quantized precision")
 
 
+def held_weight(weight, precision: str):
+    """A frozen weight matrix as :func:`hold` keeps it: in bfloat16, or quantized (:func:`quantize_weight`)."""
+    import torch
+
+    return weight.detach().to(torch.bfloat16) if precision == "bfloat16" else quantize_weight(weight, precision)
+
+
 def quantizable(name: str, module, keep: Iterable[str] = ()) -> bool:
     """Whether :func:`hold` quantizes module ``name``: a ``nn.Linear`` with a plain 2-D weight, outside ``keep``
     (new task heads) and the output heads."""
@@ -151,58 +173,115 @@ def quantizable(name: str, module, keep: Iterable[str] = ()) -> bool:
             and module.weight.ndim == 2 and module.weight.is_floating_point() and not is_quantized(module.weight))
 
 
-def hold(model, precision: str, keep: Iterable[str] = ()) -> dict[str, int]:
-    """Put the base ``model`` (frozen) in ``precision`` in place, module by module: ``bfloat16`` converts every
-    floating-point parameter, ``int8`` and ``nf4`` quantize the weight of every linear layer :func:`quantizable`
-    allows (modules under ``keep`` are left alone). Returns ``{"quantized": n, "kept": n}``, the linear layers
-    quantized and those left in float32 (a shape the format cannot hold)."""
+def hold(model, precision: str, keep: Iterable[str] = (), device="cpu") -> dict[str, int]:
+    """Put the base ``model`` (frozen) in ``precision`` for computing on ``device``, in place, module by module:
+    ``bfloat16`` on a GPU converts every floating-point parameter; ``int8``, ``nf4`` and ``bfloat16`` on a CPU hold
+    the weight of every linear layer :func:`quantizable` allows (modules under ``keep`` are left alone). Returns
+    ``{"quantized": n, "kept": n}``, the linear layers held in the precision and those left in float32 (a shape the
+    format cannot hold)."""
     import torch
 
     check(precision)
     counts = {"quantized": 0, "kept": 0}
     if precision == "float32":
         return counts
-    if precision == "bfloat16":
+    if not holds_linear_weights(precision, device):  # bfloat16 on a GPU
         for parameter in model.parameters():
             if parameter.is_floating_point() and not is_quantized(parameter):
                 parameter.data = parameter.data.to(torch.bfloat16)
+        release_freed_memory()
         return counts
+    map_large_blocks()
     for name, module in list(model.named_modules()):
         if not quantizable(name, module, keep):
             continue
-        quantized = quantize_weight(module.weight, precision)
-        if quantized is None:
+        held = held_weight(module.weight, precision)
+        if held is None:
             counts["kept"] += 1
             log.info("%s stays in float32: %s cannot hold a weight of shape %s", name, precision,
                      list(module.weight.shape))
             continue
-        module.weight = torch.nn.Parameter(quantized, requires_grad=False)
-        if precision == "int8" and type(module) is torch.nn.Linear:
-            module.__class__ = frozen_int8_linear_class()  # same module, same state; see FrozenInt8Linear
+        module.weight = torch.nn.Parameter(held, requires_grad=False)
+        # same module, same state (see FrozenHeldLinear); an NF4Tensor runs torchao's own linear, which keeps it
+        if precision != "nf4" and type(module) is torch.nn.Linear:
+            module.__class__ = frozen_linear_class()
         counts["quantized"] += 1
-    log.info("base held in %s: %d linear layers quantized, %d kept in float32", precision, counts["quantized"],
+    release_freed_memory()
+    log.info("base held in %s: %d linear layers converted, %d kept in float32", precision, counts["quantized"],
              counts["kept"])
     return counts
+
+
+#: glibc's ``mallopt`` parameter for the size from which malloc serves a block by a mapping of its own, and ours
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 1 << 20
+
+
+def _libc(function: str):
+    """``function`` of this process's C library (glibc's malloc tuning), or None where it has none."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None), function)
+    except (OSError, AttributeError):
+        log.debug("no %s in this C library: the allocator keeps its defaults", function)
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory the allocator holds free back to the operating system (``malloc_trim(0)``): glibc's malloc keeps
+    freed blocks below its mmap threshold (up to 32 MB) for reuse, so the float32 originals freed by :func:`hold`
+    would stay in the process's resident set. Best-effort: only where the C library has ``malloc_trim`` (glibc)."""
+    trim = _libc("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def map_large_blocks() -> None:
+    """Have malloc serve every block of 1 MiB or more by a mapping of its own, handed back when freed (glibc's
+    ``mallopt(M_MMAP_THRESHOLD)``; by default the threshold climbs to 32 MB as such blocks are freed, and then they
+    come from the heap). A base held in a lower precision is converted to float32 for each product, in the forward
+    and the backward pass: those temporaries, between the activations and gradients that stay, fragment the heap,
+    which keeps growing (measured: LoRA over a 1.1B Llama in nf4 with gradient checkpointing peaked at 0.94 times
+    the float32 base's peak). Process-wide, once; best-effort, as :func:`release_freed_memory`."""
+    mallopt = _libc("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def own_storage(model) -> None:
+    """Give every parameter of ``model`` not held quantized a copy of its own. transformers loads a checkpoint's
+    tensors as views of the file mapped into memory (safetensors): the tensors left as loaded keep the whole mapping
+    alive, and with it every page :func:`hold` read while converting the weights, resident in the process (measured:
+    a 335M-parameter float32 checkpoint held in nf4 kept its 1.2 GB file resident)."""
+    for parameter in model.parameters():
+        if not is_quantized(parameter):
+            parameter.data = parameter.data.clone()
 
 
 _CLASSES: dict[str, type] = {}
 
 
-def frozen_int8_linear_class() -> type:
-    """``FrozenInt8Linear``: an ``nn.Linear`` whose weight is held in int8 (torchao's ``Int8Tensor``). Its forward
-    runs torchao's int8 linear inside an autograd function that keeps the int8 weight for the backward pass, where
-    it is dequantized again to give the input its gradient (the frozen weight and bias get none), instead of the
-    float32 copy autograd would keep. Still an ``nn.Linear``: every kind finds it as it found the module. Made on
-    first use (it needs torch)."""
-    if "int8" not in _CLASSES:
+def _operand(weight, dtype):
+    """A held weight as a linear's operand: an int8 one as it is (torchao's own linear), a bfloat16 one in ``dtype``."""
+    return weight if is_quantized(weight) or weight.dtype == dtype else weight.to(dtype)
+
+
+def frozen_linear_class() -> type:
+    """``FrozenHeldLinear``: an ``nn.Linear`` whose frozen weight is held in int8 (torchao's ``Int8Tensor``) or
+    bfloat16 while it computes in float32. Its forward runs the linear inside an autograd function that keeps the
+    held weight for the backward pass, where it is converted again to give the input its gradient (the frozen weight
+    gets none), instead of the float32 copy autograd would keep. Still an ``nn.Linear``: every kind finds it as it
+    found the module. Made on first use (it needs torch)."""
+    if "held" not in _CLASSES:
         import torch
         import torch.nn.functional as F
 
-        class FrozenQuantizedLinear(torch.autograd.Function):
+        class FrozenHeldWeight(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x, weight, bias):
                 ctx.save_for_backward(weight)
-                return F.linear(x, weight, bias)  # the library's own quantized linear (autograd is off in here)
+                return F.linear(x, _operand(weight, x.dtype), bias)  # autograd is off in here
 
             @staticmethod
             def backward(ctx, grad):
@@ -211,17 +290,18 @@ def frozen_int8_linear_class() -> type:
                 grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
                 return grad_x, None, grad_bias
 
-        class FrozenInt8Linear(torch.nn.Linear):
-            __doc__ = frozen_int8_linear_class.__doc__
+        class FrozenHeldLinear(torch.nn.Linear):
+            __doc__ = frozen_linear_class.__doc__
 
             def forward(self, x):
-                weight = self.weight  # a plain tensor where a full adapter replaces it (then it trains as usual)
-                if not torch.is_grad_enabled() or not is_quantized(weight):
-                    return F.linear(x, weight, self.bias)
-                return FrozenQuantizedLinear.apply(x, weight, self.bias)
+                weight = self.weight  # a trainable tensor where a full adapter replaces it (then it trains as usual)
+                if (torch.is_grad_enabled() and not weight.requires_grad
+                        and (is_quantized(weight) or weight.dtype != x.dtype)):
+                    return FrozenHeldWeight.apply(x, weight, self.bias)
+                return F.linear(x, _operand(weight, x.dtype), self.bias)
 
-        _CLASSES["int8"] = FrozenInt8Linear
-    return _CLASSES["int8"]
+        _CLASSES["held"] = FrozenHeldLinear
+    return _CLASSES["held"]
 
 
 def held_bytes(model) -> int:

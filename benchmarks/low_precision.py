@@ -9,15 +9,30 @@
 
 (b) Memory: a generated Llama of TinyLlama's shape (1.1B parameters: hidden 2048, intermediate 5632, 22 layers, 32
     heads, 4 key/value heads, vocabulary 32,000), built on the meta device and materialised one decoder layer at a
-    time straight into the precision (so no float32 copy of the whole model ever exists), then LoRA (rank 8 on
-    q_proj/v_proj, attached by ``adapterkit.attach``, float32) trained with AdamW for a few steps on one sequence of
-    256 tokens. One fresh process per precision; its peak resident set (``ru_maxrss``) is the peak memory. Full
-    fine-tuning with AdamW is measured on a smaller generated Llama where it fits (to check the estimate) and
-    computed for 1.1B: weights + gradients + two AdamW moments (16 bytes per parameter in float32) plus the
-    activations and process overhead measured for LoRA over float32. Targets: the 4-bit peak ≤ 0.3 × the float32
-    peak; the ratio of peak training memory to weight memory for LoRA over 4-bit far below full fine-tuning's.
+    time straight into the precision (so no float32 copy of the whole model ever exists; the freed float32 staging
+    is handed back to the operating system, ``precision.release_freed_memory``), then LoRA (rank 8 on q_proj/v_proj,
+    attached by ``adapterkit.attach``, float32) trained with AdamW on one sequence of 256 tokens, with gradient
+    checkpointing (QLoRA's setting) over each of the four precisions, and without it over float32 and nf4. One fresh
+    process per row; its peak resident set (``ru_maxrss``) is the peak memory. bfloat16 on a CPU holds the linear
+    weights in bfloat16 and computes in float32 (``adapterkit.precision``). The rows without checkpointing and the
+    bfloat16 row run fewer steps (``--reference-steps``): the peak is reached in the first step (the AdamW state of
+    the 1.1M LoRA parameters is 9 MB). One more process builds the int8 model without handing the staging back, to
+    show what that does. Full fine-tuning with AdamW is measured on a smaller generated Llama where it fits (to check
+    the estimate) and computed for 1.1B: in float32, weights + gradients + two AdamW moments (16 bytes per
+    parameter); mixed precision as the survey (Lialin et al. 2023) counts it, bfloat16 weights + a float32 master
+    copy + float32 gradients + two float32 moments (18 bytes per parameter, against 2 bytes of weights); each plus
+    the activations and process overhead measured for LoRA over float32 without checkpointing. Targets: the 4-bit
+    peak ≤ 0.3 × the float32 peak; the ratio of peak training memory to weight memory for LoRA over 4-bit far below
+    full fine-tuning's.
 
-    nice .venv/bin/python benchmarks/low_precision.py [--part quality|memory|both] [--out bench-output/low_precision]
+(c) Loading: a generated Llama of about 335M parameters (hidden 1024, intermediate 2816, 24 layers) saved as a
+    float32 checkpoint under ``--out`` (1.3 GB), loaded by ``adapterkit.train.base.load_base`` in float32, int8 and
+    nf4, one fresh process each, its resident set sampled every 10 ms, split into anonymous memory and pages of files
+    mapped into the process (the checkpoint: transformers maps safetensors files; those pages are clean, so the
+    kernel can drop them under pressure, but they count in the resident set); for float32 also after reading every
+    weight once, as a training step does.
+
+    nice .venv/bin/python benchmarks/low_precision.py [--part quality|memory|loading|all] [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,8 +56,10 @@ for name in ("torchao", "torch.utils._pytree", "adapterkit.fingerprint"):
 from adapterkit.adapter import Adapter  # noqa: E402
 from adapterkit.attach import attach  # noqa: E402
 from adapterkit.manifest import Manifest  # noqa: E402
+from adapterkit import precision as precisions  # noqa: E402
 from adapterkit.precision import held_bytes, hold  # noqa: E402
 from adapterkit.train.init import new_components  # noqa: E402
+from adapterkit.train.loop import enable_gradient_checkpointing  # noqa: E402
 
 RANK, ALPHA = 8, 16.0
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -54,6 +71,12 @@ SEQUENCE = 256
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resident_mb() -> float:
+    """The resident set now (``VmRSS``), in MB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 # -- (a) quality -------------------------------------------------------------------------------------------------------
@@ -93,7 +116,7 @@ def quality(out: str, epochs: int) -> dict:
         loaded = load_base(base, "classify", examples.labels, config.seed, precision)
         model = loaded.model.requires_grad_(False)
         for module in model.modules():  # PEFT gets torchao's own int8 linear, not adapterkit's frozen wrapper
-            if isinstance(module, torch.nn.Linear) and type(module).__name__ == "FrozenInt8Linear":
+            if isinstance(module, torch.nn.Linear) and type(module).__name__ == "FrozenHeldLinear":
                 module.__class__ = torch.nn.Linear
         components, tensors = new_components(model, "lora", options=config.options, head=loaded.head,
                                              generator=torch.Generator().manual_seed(config.seed))
@@ -160,26 +183,28 @@ def materialised(shape: dict, precision: str, seed: int = 0):
         fill(layer)
         hold(layer, precision)  # one float32 layer at a time
     fill(model.model.norm)
-    fill(model.lm_head)
-    if precision == "bfloat16":
-        hold(model.model.embed_tokens, precision)
-        hold(model.model.norm, precision)
-        hold(model.lm_head, precision)  # the output head is never quantized
+    fill(model.lm_head)  # the output head and the embeddings stay in float32 (on a CPU, bfloat16 too)
     model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    precisions.release_freed_memory()
     return model.requires_grad_(False)
 
 
-def memory_worker(shape_name: str, precision: str, method: str, steps: int, threads: int) -> None:
+def memory_worker(shape_name: str, precision: str, method: str, steps: int, threads: int, checkpointing: bool,
+                  trim: bool) -> None:
     """One configuration, in this fresh process: prints one JSON line."""
     torch.set_num_threads(threads)
+    if not trim:
+        precisions.release_freed_memory = lambda: None  # what hold and materialised call
     shape = TINYLLAMA if shape_name == "tinyllama" else SMALL
     baseline = peak_rss_mb()
     model = materialised(shape, precision)
     parameters = sum(p.numel() for p in model.parameters())
     weights = held_bytes(model)
     gc.collect()
-    holding = peak_rss_mb()
+    holding, resident = peak_rss_mb(), resident_mb()
     model.train()
+    if checkpointing:
+        enable_gradient_checkpointing(model)
     if method == "full":
         trainable = list(model.requires_grad_(True).parameters())
     else:
@@ -190,7 +215,7 @@ def memory_worker(shape_name: str, precision: str, method: str, steps: int, thre
         trainable = list(handle.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     ids = torch.randint(0, shape["vocab_size"], (1, SEQUENCE), generator=torch.Generator().manual_seed(1))
-    times, losses = [], []
+    times, losses = [float("nan")], [float("nan")]
     for _ in range(steps):
         started = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
@@ -200,78 +225,194 @@ def memory_worker(shape_name: str, precision: str, method: str, steps: int, thre
         times.append(time.perf_counter() - started)
         losses.append(loss.item())
     print(json.dumps({"shape": shape_name, "precision": precision, "method": method, "parameters": parameters,
-                      "weight_mb": weights / 2**20, "baseline_mb": baseline, "holding_mb": holding,
-                      "peak_mb": peak_rss_mb(), "steps": steps, "seconds_per_step": min(times),
-                      "trainable": sum(p.numel() for p in trainable), "losses": [losses[0], losses[-1]]}))
+                      "checkpointing": checkpointing, "trim": trim, "weight_mb": weights / 2**20,
+                      "baseline_mb": baseline, "holding_mb": holding, "resident_mb": resident,
+                      "peak_mb": peak_rss_mb(), "steps": steps, "seconds_per_step": min(times[1:] or times),
+                      "trainable": sum(p.numel() for p in trainable), "losses": [losses[min(1, steps)], losses[-1]]}))
 
 
-def run_worker(shape: str, precision: str, method: str, steps: int, threads: int) -> dict:
+def run_worker(shape: str, precision: str, method: str, steps: int, threads: int, checkpointing: bool = False,
+               trim: bool = True) -> dict:
     done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", shape, precision, method,
-                           str(steps), str(threads)], capture_output=True, text=True)
+                           str(steps), str(threads), str(int(checkpointing)), str(int(trim))],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{shape} {precision} {method} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def full_estimate_mb(row: dict, lora: dict) -> float:
-    """Full fine-tuning with AdamW in float32: the base's weights, their gradients and two AdamW moments (16 bytes
-    per parameter), plus what LoRA over float32 needed beyond its weights (activations, the process)."""
-    beyond_weights = lora["peak_mb"] - lora["weight_mb"]
-    return 16 * row["parameters"] / 2**20 + beyond_weights
+def full_estimate_mb(row: dict, lora: dict, bytes_per_parameter: int = 16) -> float:
+    """Full fine-tuning with AdamW: ``bytes_per_parameter`` for each of the base's parameters (float32: weights,
+    gradients and two moments, 16; mixed precision: bfloat16 weights, a float32 master copy, float32 gradients and
+    two float32 moments, 18) plus what LoRA over float32 needed beyond its weights (activations, the process)."""
+    return bytes_per_parameter * row["parameters"] / 2**20 + lora["peak_mb"] - lora["weight_mb"]
 
 
-def memory(steps: int, slow_steps: int, threads: int) -> dict:
+#: the 1.1B rows: (precision, gradient checkpointing)
+ROWS = [("float32", True), ("bfloat16", True), ("int8", True), ("nf4", True), ("float32", False), ("nf4", False)]
+
+
+def memory(steps: int, reference_steps: int, threads: int) -> dict:
     print(f"\n(b) memory: generated Llama, one sequence of {SEQUENCE} tokens, LoRA rank {RANK} on q_proj/v_proj, "
-          f"AdamW; one fresh process each, peak = ru_maxrss")
+          f"AdamW; one fresh process each, peak = ru_maxrss", flush=True)
     small_lora = run_worker("small", "float32", "lora", 3, threads)
     small_full = run_worker("small", "float32", "full", 3, threads)
     estimate = full_estimate_mb(small_full, small_lora)
     print(f"check of the full fine-tuning estimate on a {small_full['parameters'] / 1e6:.0f}M Llama: measured "
-          f"{small_full['peak_mb']:.0f} MB, estimated {estimate:.0f} MB ({estimate / small_full['peak_mb']:.2f}x)")
+          f"{small_full['peak_mb']:.0f} MB, estimated {estimate:.0f} MB ({estimate / small_full['peak_mb']:.2f}x)",
+          flush=True)
     rows = {}
-    for precision in ("float32", "bfloat16", "int8", "nf4"):
-        count = slow_steps if precision == "bfloat16" else steps
-        rows[precision] = row = run_worker("tinyllama", precision, "lora", count, threads)
-        print(f"  LoRA over {precision:<8} {row['parameters'] / 1e9:.2f}B: weights {row['weight_mb']:7.0f} MB, peak "
-              f"{row['peak_mb']:7.0f} MB, peak/weights {row['peak_mb'] / row['weight_mb']:5.2f}x, "
-              f"{row['seconds_per_step']:.1f} s/step ({count} steps; loss {row['losses'][0]:.3f} -> "
-              f"{row['losses'][1]:.3f})", flush=True)
-    full = full_estimate_mb(rows["float32"], rows["float32"])
-    full_weights = rows["float32"]["weight_mb"]
-    print(f"  full fine-tuning, AdamW, float32 (computed): weights {full_weights:7.0f} MB, peak {full:7.0f} MB, "
-          f"peak/weights {full / full_weights:5.2f}x")
-    ratio = rows["nf4"]["peak_mb"] / rows["float32"]["peak_mb"]
-    print(f"nf4 peak / float32 peak: {ratio:.2f} (target <= 0.3: {'ok' if ratio <= 0.3 else 'MISSED'}); "
-          f"int8 {rows['int8']['peak_mb'] / rows['float32']['peak_mb']:.2f}, bfloat16 "
-          f"{rows['bfloat16']['peak_mb'] / rows['float32']['peak_mb']:.2f}; against full fine-tuning: nf4 LoRA "
-          f"{rows['nf4']['peak_mb'] / full:.3f}x the memory")
-    lora_ratio = rows["nf4"]["peak_mb"] / rows["nf4"]["weight_mb"]
-    print(f"peak/weights: LoRA over nf4 {lora_ratio:.2f}x, full fine-tuning {full / full_weights:.2f}x")
-    return {"small_lora": small_lora, "small_full": small_full, "tinyllama": rows, "full_estimate_mb": full}
+    for precision, checkpointing in ROWS:
+        count = steps if checkpointing and precision != "bfloat16" else reference_steps
+        rows[precision, checkpointing] = row = run_worker("tinyllama", precision, "lora", count, threads,
+                                                          checkpointing)
+        reference = rows.get(("float32", checkpointing), row)
+        print(f"  LoRA over {precision:<8} {'checkpointed' if checkpointing else 'no checkpointing'}, "
+              f"{row['parameters'] / 1e9:.2f}B: weights {row['weight_mb']:5.0f} MB, built {row['holding_mb']:5.0f} MB "
+              f"peak / {row['resident_mb']:5.0f} MB resident, peak {row['peak_mb']:5.0f} MB, peak/weights "
+              f"{row['peak_mb'] / row['weight_mb']:5.2f}x, peak/float32 peak "
+              f"{row['peak_mb'] / reference['peak_mb']:.2f}, "
+              f"{row['seconds_per_step']:.1f} s/step ({count} steps; loss {row['losses'][0]:.4f} -> "
+              f"{row['losses'][1]:.4f})", flush=True)
+    untrimmed = run_worker("tinyllama", "int8", "lora", 0, threads, trim=False)
+    trimmed = rows["int8", True]
+    print(f"  int8 built without handing the freed staging back (no malloc_trim): {untrimmed['holding_mb']:.0f} MB "
+          f"peak / {untrimmed['resident_mb']:.0f} MB resident after building (handed back: "
+          f"{trimmed['holding_mb']:.0f} / {trimmed['resident_mb']:.0f} MB)", flush=True)
+    float32 = rows["float32", False]
+    full = full_estimate_mb(float32, float32)
+    mixed = full_estimate_mb(float32, float32, 18)
+    mixed_weights = 2 * float32["parameters"] / 2**20
+    print(f"  full fine-tuning, AdamW, float32 (computed): weights {float32['weight_mb']:5.0f} MB, peak "
+          f"{full:5.0f} MB, peak/weights {full / float32['weight_mb']:5.2f}x, peak/float32 LoRA peak "
+          f"{full / float32['peak_mb']:.2f}")
+    print(f"  full fine-tuning, AdamW, mixed precision (computed): weights {mixed_weights:5.0f} MB (bfloat16), peak "
+          f"{mixed:5.0f} MB, peak/weights {mixed / mixed_weights:5.2f}x (18 bytes a parameter alone: 9x)")
+    for checkpointing in (True, False):
+        ratio = rows["nf4", checkpointing]["peak_mb"] / rows["float32", checkpointing]["peak_mb"]
+        print(f"nf4 peak / float32 peak, {'checkpointed' if checkpointing else 'no checkpointing'}: {ratio:.2f} "
+              f"(target <= 0.3: {'ok' if ratio <= 0.3 else 'MISSED'})")
+    qlora = rows["nf4", True]
+    print(f"peak/weights: LoRA over nf4 checkpointed {qlora['peak_mb'] / qlora['weight_mb']:.2f}x; full fine-tuning "
+          f"float32 {full / float32['weight_mb']:.2f}x, mixed precision {mixed / mixed_weights:.2f}x; LoRA over nf4 "
+          f"checkpointed needs {qlora['peak_mb'] / full:.3f}x the memory of float32 full fine-tuning")
+    return {"small_lora": small_lora, "small_full": small_full, "untrimmed_int8": untrimmed,
+            "tinyllama": [rows[key] for key in ROWS], "full_estimate_mb": full, "mixed_estimate_mb": mixed}
+
+
+# -- (c) loading --------------------------------------------------------------------------------------------------------
+
+LOADING = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+               num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def rss_parts_mb() -> dict:
+    """The resident set now: anonymous memory and mapped files' pages (``RssAnon``, ``RssFile``), in MB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in f
+                if line.startswith(("RssAnon", "RssFile"))}
+
+
+def loading_worker(path: str, precision: str) -> None:
+    """Load ``path`` in ``precision`` in this fresh process, sampling its resident set: prints one JSON line."""
+    import threading
+
+    from adapterkit.train.base import load_base
+
+    torch.set_num_threads(1)
+    if precision != "float32":
+        precisions._torchao()  # imported before the baseline, as float32 needs no torchao
+    peaks, running = {"RssAnon": 0.0, "RssFile": 0.0, "total": 0.0}, [True]
+
+    def sample() -> None:
+        while running:
+            now = rss_parts_mb()
+            peaks.update(RssAnon=max(peaks["RssAnon"], now["RssAnon"]), RssFile=max(peaks["RssFile"], now["RssFile"]),
+                         total=max(peaks["total"], now["RssAnon"] + now["RssFile"]))
+            time.sleep(0.01)
+
+    before = rss_parts_mb()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    model = load_base(path, "causal-lm", precision=precision).model
+    seconds = time.perf_counter() - started
+    loaded = rss_parts_mb()
+    with torch.no_grad():  # read every weight once, as a training step does
+        for parameter in model.parameters():
+            if not precisions.is_quantized(parameter):
+                parameter.sum()
+    read = rss_parts_mb()
+    running.clear()
+    sampler.join()
+    print(json.dumps({"precision": precision, "parameters": sum(p.numel() for p in model.parameters()),
+                      "weight_mb": held_bytes(model) / 2**20, "before": before,
+                      "peak": peaks, "loaded": loaded, "read": read, "peak_rss_mb": peak_rss_mb(),
+                      "seconds": seconds}))
+
+
+def loading(out: str) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapterkit.example import build_example
+
+    path = os.path.join(out, "llama-335m")
+    if not os.path.isdir(path):
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**LOADING)).save_pretrained(path)
+        tokenizer = build_example(os.path.join(out, "example"))["llama"]
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            with open(os.path.join(tokenizer, name), "rb") as source, open(os.path.join(path, name), "wb") as target:
+                target.write(source.read())
+    size = os.path.getsize(os.path.join(path, "model.safetensors")) / 2**20
+    print(f"\n(c) loading a generated Llama (hidden {LOADING['hidden_size']}, {LOADING['num_hidden_layers']} layers), "
+          f"float32 checkpoint {size:.0f} MB; resident set sampled every 10 ms, anonymous + mapped file pages, MB "
+          f"above the process before loading")
+    rows = {}
+    for precision in ("float32", "int8", "nf4"):
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--loading-worker", path, precision],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"loading {precision} failed:\n{done.stderr[-3000:]}")
+        rows[precision] = row = json.loads(done.stdout.strip().splitlines()[-1])
+        base = row["before"]["RssAnon"] + row["before"]["RssFile"]
+        print(f"  {precision:<8} {row['parameters'] / 1e6:.0f}M parameters, weights {row['weight_mb']:5.0f} MB; "
+              f"loading peak {row['peak']['total'] - base:5.0f} "
+              f"(anonymous {row['peak']['RssAnon'] - row['before']['RssAnon']:5.0f}, file "
+              f"{row['peak']['RssFile'] - row['before']['RssFile']:5.0f}); after loading "
+              f"{row['loaded']['RssAnon'] + row['loaded']['RssFile'] - base:5.0f}; after reading every weight "
+              f"{row['read']['RssAnon'] + row['read']['RssFile'] - base:5.0f} (file "
+              f"{row['read']['RssFile'] - row['before']['RssFile']:5.0f}); {row['seconds']:.1f} s", flush=True)
+    return rows
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--loading-worker":
+        loading_worker(*sys.argv[2:4])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        shape, precision, method, steps, threads = sys.argv[2:7]
-        memory_worker(shape, precision, method, int(steps), int(threads))
+        shape, precision, method, steps, threads, checkpointing, trim = sys.argv[2:9]
+        memory_worker(shape, precision, method, int(steps), int(threads), checkpointing == "1", trim == "1")
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("quality", "memory", "both"), default="both")
+    parser.add_argument("--part", choices=("quality", "memory", "loading", "all"), default="all")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10, help="LoRA steps per precision in (b)")
-    parser.add_argument("--bfloat16-steps", type=int, default=2,
-                        help="steps over bfloat16 in (b): bfloat16 products are ~20x slower than float32 on an AVX2 "
-                             "CPU; the peak is reached in the first step")
+    parser.add_argument("--steps", type=int, default=10, help="LoRA steps per checkpointed row in (b)")
+    parser.add_argument("--reference-steps", type=int, default=2,
+                        help="steps of the rows without checkpointing and of bfloat16 in (b): the peak is reached in "
+                             "the first step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more oversubscribes a shared machine)")
     parser.add_argument("--out", default="bench-output/low_precision")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    if args.part in ("quality", "both"):
+    if args.part in ("quality", "all"):
         results["quality"] = quality(args.out, args.epochs)
-    if args.part in ("memory", "both"):
-        results["memory"] = memory(args.steps, args.bfloat16_steps, args.threads)
+    if args.part in ("memory", "all"):
+        results["memory"] = memory(args.steps, args.reference_steps, args.threads)
+    if args.part in ("loading", "all"):
+        results["loading"] = loading(args.out)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
 

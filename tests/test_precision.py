@@ -1,7 +1,8 @@
 """Training over a frozen base held in float32, bfloat16, int8 or nf4 (``--base-precision``): the loss falls over each,
 the adapter attaches to the float32 base with no ``--force``, the manifest records the full-precision base's
-fingerprints and the precision; the quantized weights against hand-made references; the int8 linear keeps no
-float32 copy of its weight for the backward pass."""
+fingerprints and the precision; the quantized weights against hand-made references; the int8 and (on a CPU)
+bfloat16 linears keep no float32 copy of their weight for the backward pass; gradient checkpointing gives every kind
+the same loss and gradients over every precision."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ from click.testing import CliRunner
 
 import adapterkit
 from adapterkit import precision
+from adapterkit.adapter import Adapter
 from adapterkit.attach import attach
 from adapterkit.cli import cli
-from adapterkit.kinds import KINDS, trainable_kinds
 from adapterkit.example import build_example
+from adapterkit.kinds import KINDS, trainable_kinds
+from adapterkit.manifest import Manifest
 from adapterkit.train.base import load_base
-from adapterkit.train.data import load_examples
-from adapterkit.train.evaluate import evaluate
-from adapterkit.train.loop import TrainConfig, train
+from adapterkit.train.data import Collator, load_examples
+from adapterkit.train.evaluate import evaluate, example_losses
+from adapterkit.train.init import new_components, option_defaults
+from adapterkit.train.loop import TrainConfig, enable_gradient_checkpointing, train
 
 pytest.importorskip("torchao")
 
@@ -108,10 +112,11 @@ def test_int8_and_nf4_weights_against_hand_made_references():
     assert precision.quantize_weight(torch.randn(3, 5), "nf4") is None  # not whole blocks: left in float32
 
 
-def test_int8_linear_gives_the_dequantized_gradient_and_saves_no_float32_weight():
+@pytest.mark.parametrize("name", ["int8", "bfloat16"])
+def test_held_linear_gives_the_dequantized_gradient_and_saves_no_float32_weight(name):
     torch.manual_seed(0)
     module = torch.nn.Linear(64, 32)
-    counts = precision.hold(module_holder := torch.nn.Sequential(module), "int8")
+    counts = precision.hold(module_holder := torch.nn.Sequential(module), name)  # bfloat16 on a CPU: held
     assert counts == {"quantized": 1, "kept": 0} and isinstance(module_holder[0], torch.nn.Linear)
     dequantized = precision.dense(module.weight, torch.float32)
     x = torch.randn(4, 7, 64, requires_grad=True)
@@ -124,7 +129,7 @@ def test_int8_linear_gives_the_dequantized_gradient_and_saves_no_float32_weight(
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = module(x)
     weights = [t for t in saved if t.shape == (32, 64)]
-    assert weights and all(precision.is_quantized(t) for t in weights), [type(t) for t in saved]  # the int8 one only
+    assert weights and all(precision.is_quantized(t) or t.dtype == torch.bfloat16 for t in weights), saved  # held
     y.pow(2).sum().backward()
     x_ref = x.detach().clone().requires_grad_(True)
     F.linear(x_ref, dequantized, module.bias.detach()).pow(2).sum().backward()
@@ -142,3 +147,59 @@ def test_evaluate_over_a_precision_and_a_bad_precision_is_one_line(example, runs
     assert json.loads(result.stdout)["loss"] == pytest.approx(runs[0]["lora", "nf4"].history[-1]["loss"], rel=1e-4)
     bad = CliRunner().invoke(cli, [*common, "--base-precision", "fp3"])
     assert bad.exit_code == 2 and "fp3" in bad.output
+
+
+@pytest.fixture(scope="module")
+def held_bases(example):
+    """{precision: loaded base}, loaded on first use."""
+    return {}
+
+
+@pytest.mark.parametrize("name", precision.PRECISIONS)
+@pytest.mark.parametrize("method", trainable_kinds())
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(example, held_bases, method, name):
+    if name not in held_bases:
+        held_bases[name] = load_base(example["llama"], "causal-lm", precision=name)
+    loaded = held_bases[name]
+    model = loaded.model.requires_grad_(False).train()
+    examples = load_examples(example["support_sample"])
+    batch = Collator(examples, loaded.tokenizer)(list(range(4)))
+    components, tensors = new_components(model, method, options=option_defaults(),
+                                         generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    tensors = {key: value + 0.05 * torch.randn(value.shape, generator=generator) for key, value in tensors.items()}
+    calls, mlp = [], model.model.layers[0].mlp  # checkpointing runs the layer's modules again in the backward pass
+    mlp.forward = lambda *args, forward=mlp.forward: calls.append(1) or forward(*args)  # (torch skips their hooks)
+    runs = []
+    try:
+        with attach(model, Adapter(Manifest(components=components), tensors), trainable=True,
+                    dtype=torch.float32) as handle:
+            for checkpointing in (False, True):
+                if checkpointing:
+                    enable_gradient_checkpointing(model)
+                calls.clear()
+                torch.manual_seed(0)
+                losses, _ = example_losses(model, batch, "causal-lm")
+                losses.mean().backward()
+                runs.append((losses.detach(), [p.grad.clone() for p in handle.parameters()], len(calls)))
+                for parameter in handle.parameters():
+                    parameter.grad = None
+    finally:
+        del mlp.forward
+        model.activation_checkpointing_disable()
+    (loss, grads, calls_without), (loss_checkpointed, grads_checkpointed, calls_with) = runs
+    assert (calls_without, calls_with) == (1, 2)  # checkpointing was on: the layer ran again for the backward pass
+    assert torch.allclose(loss, loss_checkpointed, rtol=1e-5, atol=1e-6)
+    assert sum(g.abs().sum() for g in grads) > 0  # gradients reach the adapter
+    for plain, checkpointed in zip(grads, grads_checkpointed, strict=True):
+        assert torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-6), (plain - checkpointed).abs().max()
+
+
+def test_train_gradient_checkpointing_option_is_recorded(example, tmp_path):
+    path = tmp_path / "checkpointed.safetensors"
+    result = CliRunner().invoke(cli, ["train", str(example["llama"]), "--data", str(example["support_sample"]),
+                                      "--steps", "2", "--batch-size", "4", "--base-precision", "nf4",
+                                      "--gradient-checkpointing", "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    training = adapterkit.load(path).manifest.training
+    assert training["gradient_checkpointing"] is True and training["base_precision"] == "nf4"

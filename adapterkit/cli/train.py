@@ -20,6 +20,10 @@ TASK = click.option("--task", type=click.Choice(TASKS), default="causal-lm",
                     help="causal-lm: next-token loss. classify: a new classification head, saved with the adapter.")
 BATCH_SIZE = click.option("--batch-size", type=COUNT, default=16,
                           help="Global batch size (split across torchrun processes).")
+GRADIENT_CHECKPOINTING = click.option(
+    "--gradient-checkpointing", is_flag=True,
+    help="Recompute each layer's activations in the backward pass instead of keeping them: less memory, more time "
+         "(QLoRA's setting).")
 SEED = click.option("--seed", type=click.IntRange(min=0), default=0,
                     help="Seed of initialisation and shuffling: the same seed gives the same file.")
 
@@ -69,9 +73,10 @@ def kind_options(command):
 @BATCH_SIZE
 @SEED
 @BASE_PRECISION
+@GRADIENT_CHECKPOINTING
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output adapter file.")
 def train(base, method, task, data, eval_data, text_field, label_field, targets, epochs, steps, lr, batch_size, seed,
-          base_precision, output, **options) -> None:
+          base_precision, gradient_checkpointing, output, **options) -> None:
     """Train a new adapter on the model folder BASE (also under `torchrun --nproc_per_node N --no-python`)."""
     from adapterkit.io.adapter_file import save
     from adapterkit.io.outputs import refuse_overlap
@@ -80,7 +85,7 @@ def train(base, method, task, data, eval_data, text_field, label_field, targets,
     inputs = [base, data, *([eval_data] if eval_data else [])]
     refuse_overlap(output, inputs)  # before training, not after
     config = TrainConfig(method, task, data, eval_data, text_field, label_field, _split(targets), options, epochs,
-                         steps, lr, batch_size, seed, base_precision)
+                         steps, lr, batch_size, seed, base_precision, gradient_checkpointing)
     result = run_training(base, config, on_eval=lambda epoch, m: click.echo(f"epoch {epoch}: {format_metrics(m)}"))
     if not result.is_main:
         return
@@ -123,11 +128,12 @@ def evaluate(base, adapters, task, data, text_field, label_field, batch_size, ba
 @BATCH_SIZE
 @SEED
 @BASE_PRECISIONS
+@GRADIENT_CHECKPOINTING
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder for the adapters, compare.json and compare.png.")
 @OVERWRITE
 def compare(base, task, data, eval_data, methods, text_field, label_field, steps, batch_size, seed, base_precisions,
-            output, overwrite) -> None:
+            gradient_checkpointing, output, overwrite) -> None:
     """Train each method on BASE under one budget and compare storage, training memory, time per step, eval
     quality and inference latency (Lialin et al. 2023), over each base precision: with the peak training memory,
     the memory of the weights as held, and their ratio. Each method and precision runs in its own process."""
@@ -142,7 +148,7 @@ def compare(base, task, data, eval_data, methods, text_field, label_field, steps
         raise click.BadParameter(f"unknown method {unknown[0]!r} (known: {', '.join(trainable_kinds())})"
                                  if unknown else "name at least one method", param_hint="--methods")
     config = TrainConfig("lora", task, data, eval_data, text_field, label_field, steps=steps, batch_size=batch_size,
-                         seed=seed)
+                         seed=seed, gradient_checkpointing=gradient_checkpointing)
     rows = comparison.compare(base, config, chosen, output,
                               progress=lambda m, p: click.echo(f"training {m} over {p} ...", err=True),
                               overwrite=overwrite, precisions=base_precisions)

@@ -76,7 +76,7 @@ def median_forward_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor
 def measure(base: str, config, output: str) -> dict:
     """Train one method over one base precision (in this process) and measure it; saves the adapter to ``output``."""
     from adapterkit.attach import attach
-    from adapterkit.precision import held_bytes, is_quantized_precision
+    from adapterkit.precision import held_bytes, holds_linear_weights
     from adapterkit.train.base import load_base
     from adapterkit.train.data import Collator, load_examples
     from adapterkit.train.loop import train
@@ -100,7 +100,7 @@ def measure(base: str, config, output: str) -> dict:
     batch = Collator(examples, loaded.tokenizer)(list(range(min(config.batch_size, len(examples)))))
     base_latency, attached_latency = float("inf"), float("inf")
     options = {"dtype": torch.float32 if precision != "float32" else None,
-               "reference": base if is_quantized_precision(precision) else None}
+               "reference": base if holds_linear_weights(precision) else None}
     for _ in range(LATENCY_ROUNDS):  # alternate, keep the best round of each: other load on the machine only adds
         base_latency = min(base_latency, median_forward_seconds(loaded.model, batch))
         with attach(loaded.model, result.adapter, **options):

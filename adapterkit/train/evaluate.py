@@ -53,7 +53,7 @@ def evaluate_adapters(base, adapters: list, task: str, data, text_field: str = "
     follow the labels recorded at training (``training.labels``), else the sorted labels of ``data``. The base is held
     in ``precision`` (:mod:`adapterkit.precision`), the adapters' tensors in float32 over it, as in training."""
     from adapterkit.attach import attach
-    from adapterkit.precision import is_quantized_precision
+    from adapterkit.precision import holds_linear_weights
     from adapterkit.train.base import load_base
     from adapterkit.train.data import load_examples
 
@@ -63,5 +63,5 @@ def evaluate_adapters(base, adapters: list, task: str, data, text_field: str = "
     loaded = load_base(base, task, examples.labels, precision=precision)
     low = precision != "float32"
     with attach(loaded.model, adapters, force=force, dtype=torch.float32 if low else None,
-                reference=base if is_quantized_precision(precision) else None):
+                reference=base if holds_linear_weights(precision) else None):
         return evaluate(loaded.model, loaded.tokenizer, examples, task, batch_size)

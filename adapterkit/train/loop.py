@@ -59,6 +59,8 @@ class TrainConfig:
     seed: int = 0
     #: the precision the frozen base is held in (adapterkit.precision): float32, bfloat16, int8 or nf4
     base_precision: str = "float32"
+    #: recompute each layer's activations in the backward pass instead of keeping them (QLoRA's setting)
+    gradient_checkpointing: bool = False
 
     def checked(self) -> "TrainConfig":
         """This config with every number checked (counts ≥ 1, finite rates in range) before any work starts."""
@@ -127,6 +129,16 @@ def sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Keep only each decoder layer's input and recompute its activations in the backward pass, as QLoRA trains
+    (Dettmers et al. 2023): transformers' own activation checkpointing (``gradient_checkpointing_enable`` before
+    5.24), non-reentrant (``torch.utils.checkpoint`` with ``use_reentrant=False``, which gives the adapter's
+    parameters their gradients although no layer input needs one). It is on only in training mode."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RequestError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: bool = True) -> TrainResult:
     """Train a new ``config.method`` adapter on the base model folder ``base``. ``on_eval(epoch, metrics)`` is called
     on rank 0 after each epoch's evaluation."""
@@ -140,8 +152,10 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
         if config.batch_size % procs.world_size:
             raise RequestError(f"batch size {config.batch_size} does not split evenly over {procs.world_size} "
                                "processes")
-        loaded = load_base(base, config.task, examples.labels, config.seed, config.base_precision)
+        loaded = load_base(base, config.task, examples.labels, config.seed, config.base_precision, procs.device)
         model = loaded.model.to(procs.device).requires_grad_(False).train()
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         components, tensors = new_components(
             model, config.method, targets=config.targets, options=config.options, head=loaded.head,
             generator=torch.Generator().manual_seed(config.seed))
@@ -150,9 +164,10 @@ def train(base: str | os.PathLike, config: TrainConfig, on_eval=None, progress: 
             base_model.fingerprint, base_model.fingerprints = None, {}
         adapter = Adapter(Manifest(components=components, base_model=base_model), tensors)
         # The adapter's tensors train in float32 over any precision. Attach also checks the model against the folder's
-        # fingerprint; a model held quantized no longer gives its weights back, so then the folder is checked.
-        quantized = precision.is_quantized_precision(config.base_precision)
-        handle = attach(model, adapter, trainable=True, dtype=torch.float32, reference=base if quantized else None)
+        # fingerprint; a model whose linear weights are held converted no longer gives them back: then the folder is
+        # checked.
+        held = precision.holds_linear_weights(config.base_precision, procs.device)
+        handle = attach(model, adapter, trainable=True, dtype=torch.float32, reference=base if held else None)
         parameters = list(handle.parameters())
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
 
@@ -204,6 +219,7 @@ def training_record(config: TrainConfig, lr: float, steps: int, epochs: int, lab
     record = {
         "method": config.method, "task": config.task, "steps": steps, "epochs": epochs, "lr": lr,
         "batch_size": config.batch_size, "seed": config.seed, "base_precision": config.base_precision,
+        "gradient_checkpointing": config.gradient_checkpointing,
         "data": {"file": os.path.basename(config.data), "sha256": sha256_of(config.data)},
     }
     if config.eval_data:
