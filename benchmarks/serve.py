@@ -1,7 +1,7 @@
 """Benchmark: serving 8 LoRA adapters to concurrent clients, side by side, in one run.
 
     nice python benchmarks/serve.py                  # 4 layers of 512 hidden, 8 adapters, 32 clients, 64 requests
-                                                     # of 16 new tokens; each row the best of 2 rounds
+                                                     # of 16 new tokens; each row the best of 3 rounds
     nice python benchmarks/serve.py --requests 16    # a quick run first
 
 Rows (the same requests, prompts and greedy decoding in each):
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="leave out the ONNX Runtime rows")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:  # the ONNX rows read the base's config from it while serving
