@@ -56,3 +56,25 @@ def test_sampled_generation_is_reproducible_and_a_tiny_nucleus_is_greedy(exporte
     assert sampled != runner.generate(prompt, "lora", NEW_TOKENS), "at temperature 1.5 sampling must leave greedy"
     greedy = runner.generate(prompt, "lora", NEW_TOKENS)
     assert runner.generate(prompt, "lora", NEW_TOKENS, temperature=1.5, top_p=1e-9, seed=3) == greedy
+
+
+def test_an_adapter_added_at_run_time_generates_as_attached_and_can_be_removed(exported, tmp_path):
+    """Without a bank, an adapterkit file added to the running session (folded against the base, handed to ONNX
+    Runtime's adapter API) acts as if it had been exported with the graph."""
+    from adapterkit.errors import AdapterError
+    from adapterkit.io.adapter_file import save
+
+    _, runner, model, _ = exported
+    late = random_adapter("lora", "llama", model, 7, VARIANTS[1])
+    save(late, tmp_path / "late.safetensors")
+    session = runner.session
+    runner.add_adapter("late", tmp_path / "late.safetensors")
+    prompt = PROMPTS[1]
+    ids = torch.tensor([prompt])
+    with torch.no_grad(), attach(model, late):
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                  do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert runner.generate(prompt, "late", NEW_TOKENS) == expected and runner.session is session
+    runner.remove_adapter("late")
+    with pytest.raises(AdapterError, match="no adapter 'late'"):
+        runner.generate(prompt, "late", NEW_TOKENS)

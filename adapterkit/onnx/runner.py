@@ -165,8 +165,9 @@ class Runner:
     def generate_batch(self, prompts, adapters: list[str | None] | None = None, max_new_tokens: int = 16,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
         """:meth:`generate` for several prompts in one batch (left-padded), row i with ``adapters[i]`` (one adapter
-        for all rows unless the graph has a bank). Prompts of different lengths need a cached graph, which takes
-        each row's positions."""
+        for all rows unless the graph has a bank); a row ends at the model's end-of-sequence token (a cached graph
+        records it) or after ``max_new_tokens``. Prompts of different lengths need a cached graph, which takes each
+        row's positions."""
         random = np.random.default_rng(seed)
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         if len(adapters) != len(prompts):
@@ -182,13 +183,20 @@ class Runner:
             ids[row, longest - len(prompt):], mask[row, longest - len(prompt):] = prompt, 1
         inputs = self.first_step(ids, mask) if self.cache else {"input_ids": ids, "attention_mask": mask}
         rows = adapters if self.bank is not None else adapters[0]
+        eos = self.description.get("generation", {}).get("eos_token_id")
+        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
         tokens: list[list[int]] = [[] for _ in prompts]
-        while len(tokens[0]) < max_new_tokens:
+        finished = [False] * len(prompts)  # a row ends with its end-of-sequence token, as in transformers
+        for _ in range(max_new_tokens):
+            if all(finished):
+                break
             outputs = self.run(inputs, rows)
             chosen = np.array([[_choose(logits[-1], temperature, top_p, random)]
                                for logits in outputs[self.output_names[0]]], np.int64)
             for row, token in enumerate(chosen[:, 0].tolist()):
-                tokens[row].append(token)
+                if not finished[row]:
+                    tokens[row].append(token)
+                    finished[row] = token in eos
             mask = np.concatenate([mask, np.ones_like(chosen)], axis=1)
             if self.cache:  # one new token per row, after the cache the step returned
                 past = {name.replace("present", "past_key_values", 1): outputs[name] for name in self.output_names[1:]}
