@@ -36,6 +36,10 @@ def in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x
 
 
+#: the bank input role that holds each entry's length of :attr:`Runtime.length_of`
+BANK_LENGTH = "length"
+
+
 class Runtime:
     """The torch side of a kind. Subclasses override what their kind does."""
 
@@ -48,6 +52,9 @@ class Runtime:
     #: ONNX: the base module's parameters the value of an absent adapter (:meth:`empty`) is computed from: it stays
     #: "no adapter" only while the module keeps them (DoRA's magnitude is the base weight's norm)
     empty_reads: tuple[str, ...] = ()
+    #: ONNX adapter bank: the role whose dynamic length each entry must give (``<module>.<kind>.length``), because
+    #: its zero padding is attended to and has to be masked (a prefix's keys); None where zero padding is exact
+    length_of: str | None = None
 
     # -- forward: one function for attach (parameters, scale) and export (folded graph inputs, scale 1) ---------------
 

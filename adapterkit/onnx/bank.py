@@ -28,12 +28,6 @@ import numpy as np
 from adapterkit.errors import AdapterError, RequestError
 
 INDEX_INPUT = "adapter_index"
-#: the slot role that holds each entry's prefix length on a module
-LENGTH_ROLE = "length"
-#: the kind whose slots have lengths (its dynamic axis is attended to, so padding must be masked)
-MASKED_KIND = "prefix"
-#: the slot of the prefix keys whose length a length slot gives
-LENGTH_OF = "prefix_key"
 
 
 class Bank:
@@ -110,12 +104,15 @@ class Bank:
 
 
 def length_slots(slots: Sequence[str]) -> dict[str, str]:
-    """``{length input: prefix key slot}`` for each module a prefix slot acts on."""
+    """``{length input: slot}`` for each slot whose kind needs its padding masked
+    (:attr:`~adapterkit.kinds.runtime.Runtime.length_of`: a prefix's keys)."""
+    from adapterkit.kinds import get_kind
+    from adapterkit.kinds.runtime import BANK_LENGTH
     from adapterkit.onnx.slots import slot_name, split_slot
 
     found = {}
     for slot in slots:
         module, kind, role = split_slot(slot)
-        if kind == MASKED_KIND and role == LENGTH_OF:
-            found[slot_name(module, kind, LENGTH_ROLE)] = slot
+        if get_kind(kind).runtime.length_of == role:
+            found[slot_name(module, kind, BANK_LENGTH)] = slot
     return found

@@ -31,8 +31,9 @@ from adapterkit.fingerprint import check_base
 from adapterkit.io import outputs
 from adapterkit.kinds import get_kind
 from adapterkit.merge import merge_into_model
+from adapterkit.kinds.runtime import BANK_LENGTH
 from adapterkit.onnx.adapter_files import write_onnx_adapter
-from adapterkit.onnx.bank import INDEX_INPUT, LENGTH_ROLE, length_slots
+from adapterkit.onnx.bank import INDEX_INPUT, length_slots
 from adapterkit.onnx.exportable import (CachedExportableModel, ExportableModel, bank_defaults, output_name,
                                         slot_defaults)
 from adapterkit.onnx.graph import add_defaults, io_description
@@ -219,7 +220,7 @@ def _trace(torch_model: ExportableModel, model: torch.nn.Module, opset: int | No
         default = torch_model.defaults[name]
         module, kind, role = split_slot(name)
         leading = int(torch_model.bank)
-        if role == LENGTH_ROLE and torch_model.bank:
+        if role == BANK_LENGTH and torch_model.bank:
             slot_examples.append(torch.randint(0, EXAMPLE_SLOT + 1, (EXAMPLE_BANK,), generator=generator))
             slot_shapes.append({0: entries})
             continue

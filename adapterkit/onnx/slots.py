@@ -72,18 +72,15 @@ def adapter_feeds(adapter: Adapter, weight: float = 1.0, model: torch.nn.Module 
             for name, parts in feeds.items()}
 
 
-#: the kind whose slots replace a module's parameters (``<module>.full.<parameter>``)
-REPLACING_KIND = "full"
-
-
 def check_slots(slots) -> None:
     """Refuse slots that cannot share one graph: a slot whose empty value is computed from a base parameter
-    (:attr:`~adapterkit.kinds.runtime.Runtime.empty_reads`, DoRA's magnitude ‖W‖) beside a ``full`` slot that
-    replaces that parameter: with the replacement active, the "empty" DoRA would rescale the new weight."""
-    replaced = {(module, role) for module, kind, role in map(split_slot, slots) if kind == REPLACING_KIND}
+    (:attr:`~adapterkit.kinds.runtime.Runtime.empty_reads`, DoRA's magnitude ‖W‖) beside a slot of a kind that
+    replaces that parameter (``full``): with the replacement active, the "empty" DoRA would rescale the new weight."""
+    replaced = {(module, role): kind for module, kind, role in map(split_slot, slots) if get_kind(kind).replaces}
     for module, kind, _ in map(split_slot, slots):
         for parameter in get_kind(kind).runtime.empty_reads:
             if (module, parameter) in replaced:
-                raise RequestError(f"{module}: a {kind} adapter and a full adapter that replaces its {parameter} "
+                raise RequestError(f"{module}: a {kind} adapter and a {replaced[module, parameter]} adapter that "
+                                   f"replaces its {parameter} "
                                    f"cannot share one graph (the {kind} slot's empty value is computed from the base "
                                    f"{parameter}): export them into separate graphs")

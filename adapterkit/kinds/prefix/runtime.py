@@ -34,7 +34,7 @@ from adapterkit import targets
 from adapterkit.attach.wrapper import innermost
 from adapterkit.errors import RequestError
 from adapterkit.kinds.prefix import ROLES
-from adapterkit.kinds.runtime import Runtime, in_dtype
+from adapterkit.kinds.runtime import BANK_LENGTH, Runtime, in_dtype
 
 IMPLEMENTATION_PREFIX = "adapterkit_prefix_"
 #: initial keys and values ~ N(0, 0.02²): near-zero keys attract little attention, so training starts near the base
@@ -78,7 +78,7 @@ class PrefixStore(torch.nn.Module):
     def row_lengths(self) -> torch.Tensor:
         """Each row's number of prefix positions (its adapter's prefixes; 0 without one)."""
         if self.each_row:
-            return functools.reduce(torch.add, (s.tensors()["length"] for s in self.sources))
+            return functools.reduce(torch.add, (s.tensors()[BANK_LENGTH] for s in self.sources))
         selection = self.selection
         lengths = torch.zeros(selection.index.numel(), dtype=torch.long, device=selection.index.device)
         for source in self.sources:
@@ -273,6 +273,7 @@ def _head_dim(module: torch.nn.Module) -> int | None:
 
 class PrefixRuntime(Runtime):
     dynamic_axes = {"prefix_key": 1, "prefix_value": 1}
+    length_of = "prefix_key"  # a padded prefix position would be attended to: the bank masks it by its length
 
     def fold(self, component, target, roles, weight):
         return super().fold(component, target, roles, 1.0)  # weight 1 only (checked by attach and the reader)
