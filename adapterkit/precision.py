@@ -20,10 +20,12 @@ Precisions (``--base-precision``):
 - ``nf4``: the weight of every linear layer in 4-bit NormalFloat, blocks of 64 with double-quantized scales
   (torchao's ``NF4Tensor``, what torchtune's QLoRA uses).
 
-For ``int8``, ``nf4`` and ``bfloat16`` on a CPU everything else (embeddings, norms, biases, the output head) stays in
-float32, and so does the computation: a held weight is converted to float32 for each product, in the forward and the
-backward pass. The output heads (``lm_head``, ``classifier``, ``score``, ... and a new task head) are never held in a
-lower precision, as in QLoRA.
+For ``int8``, ``nf4`` and ``bfloat16`` on a CPU the embeddings and the pretrained output heads (``lm_head``,
+``embed_out``, ...) are held in bfloat16, never quantized, as QLoRA keeps them (in its compute dtype); a new task head
+(trained, ``keep``) stays float32, and so do norms and biases. The computation is float32: a held weight is converted
+for each product, in the forward and the backward pass, a block of rows at a time (at most :data:`CONVERT_BYTES` of
+float32 each), so that no float32 copy of a large weight exists at once (an output head over a 32,000-token vocabulary
+is 262 MB in float32; torchao's NF4 dequantization takes about 4.8 times its float32 result while it runs).
 
 The held weights stay inside the model's own ``nn.Linear`` modules (quantized ones as tensor subclasses with the
 weight's shape), so every kind's runtime finds the modules it knows; :func:`dense` gives a weight's value back (DoRA's
@@ -49,9 +51,13 @@ PRECISIONS = ("float32", "bfloat16", "int8", "nf4")
 QUANTIZED = ("int8", "nf4")
 #: NF4: values per block with one scale (QLoRA's 64), and scales per block of the second quantization (QLoRA's 256)
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
-#: name segments of output heads, never quantized (QLoRA keeps the LM head in full precision)
+#: name segments of output heads, never quantized: a pretrained one is held in bfloat16, a new one stays float32
 HEAD_SEGMENTS = frozenset({"lm_head", "embed_out", "classifier", "score", "qa_outputs", "pre_classifier", "cls",
                            "vocab_projector", "vocab_transform"})
+#: the most bytes of float32 a held weight is converted to at once for a product (see the module's notes)
+CONVERT_BYTES = 16 << 20
+#: the attribute that marks a parameter held in bfloat16 while the model computes in float32
+HELD = "_adapterkit_held"
 
 
 def check(precision: str) -> str:
@@ -114,6 +120,12 @@ def is_quantized(tensor) -> bool:
     return bool(types) and isinstance(tensor, types)
 
 
+def is_held(tensor) -> bool:
+    """Whether ``tensor`` is a base weight held apart from the computation, quantized or in bfloat16 (:func:`hold`):
+    products with it run in float32."""
+    return is_quantized(tensor) or getattr(tensor, HELD, False)
+
+
 def dense(tensor, dtype=None):
     """The value of a weight as a plain tensor in ``dtype`` (default: its own): a quantized weight dequantized, a
     plain one as it is (converted where ``dtype`` differs)."""
@@ -161,28 +173,36 @@ def held_weight(weight, precision: str):
     return weight.detach().to(torch.bfloat16) if precision == "bfloat16" else quantize_weight(weight, precision)
 
 
-def quantizable(name: str, module, keep: Iterable[str] = ()) -> bool:
-    """Whether :func:`hold` quantizes module ``name``: a ``nn.Linear`` with a plain 2-D weight, outside ``keep``
-    (new task heads) and the output heads."""
+def held_form(name: str, module, keep: Iterable[str] = ()) -> str | None:
+    """How :func:`hold` keeps the weight of module ``name``: ``"quantized"`` (a linear layer of the body: in the
+    precision), ``"bfloat16"`` (an embedding, or a pretrained output head: :data:`HEAD_SEGMENTS`), or None (left as
+    it is: a module under ``keep``, the new task heads; another type; a weight already held)."""
     import torch
 
     from adapterkit.targets import outside
 
-    return (isinstance(module, torch.nn.Linear) and outside(name, list(keep))
-            and HEAD_SEGMENTS.isdisjoint(name.split(".")) and isinstance(module.weight, torch.Tensor)
-            and module.weight.ndim == 2 and module.weight.is_floating_point() and not is_quantized(module.weight))
+    weight = getattr(module, "weight", None)
+    if (not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or not outside(name, list(keep))
+            or not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not weight.is_floating_point()
+            or is_held(weight)):
+        return None
+    if isinstance(module, torch.nn.Embedding) or not HEAD_SEGMENTS.isdisjoint(name.split(".")):
+        return "bfloat16"
+    return "quantized"
 
 
 def hold(model, precision: str, keep: Iterable[str] = (), device="cpu") -> dict[str, int]:
     """Put the base ``model`` (frozen) in ``precision`` for computing on ``device``, in place, module by module:
     ``bfloat16`` on a GPU converts every floating-point parameter; ``int8``, ``nf4`` and ``bfloat16`` on a CPU hold
-    the weight of every linear layer :func:`quantizable` allows (modules under ``keep`` are left alone). Returns
-    ``{"quantized": n, "kept": n}``, the linear layers held in the precision and those left in float32 (a shape the
-    format cannot hold)."""
+    the weight of every linear layer in the precision and the embeddings and pretrained output heads in bfloat16
+    (:func:`held_form`; modules under ``keep`` are left alone). Returns ``{"quantized": n, "bfloat16": n, "kept": n}``:
+    the linear layers held in the precision, the embeddings and heads held in bfloat16, and the linear layers left
+    in float32 (a shape the format cannot hold). A weight tied to another module's (a head that is its embedding)
+    stays one parameter."""
     import torch
 
     check(precision)
-    counts = {"quantized": 0, "kept": 0}
+    counts = {"quantized": 0, "bfloat16": 0, "kept": 0}
     if precision == "float32":
         return counts
     if not holds_linear_weights(precision, device):  # bfloat16 on a GPU
@@ -192,23 +212,27 @@ def hold(model, precision: str, keep: Iterable[str] = (), device="cpu") -> dict[
         release_freed_memory()
         return counts
     map_large_blocks()
+    held: dict[int, torch.nn.Parameter] = {}  # id of a parameter as loaded -> the one held in its place
     for name, module in list(model.named_modules()):
-        if not quantizable(name, module, keep):
+        form = held_form(name, module, keep)
+        if form is None:
             continue
-        held = held_weight(module.weight, precision)
-        if held is None:
-            counts["kept"] += 1
-            log.info("%s stays in float32: %s cannot hold a weight of shape %s", name, precision,
-                     list(module.weight.shape))
-            continue
-        module.weight = torch.nn.Parameter(held, requires_grad=False)
-        # same module, same state (see FrozenHeldLinear); an NF4Tensor runs torchao's own linear, which keeps it
-        if precision != "nf4" and type(module) is torch.nn.Linear:
-            module.__class__ = frozen_linear_class()
-        counts["quantized"] += 1
+        original = module.weight
+        if id(original) not in held:
+            value = held_weight(original, precision if form == "quantized" else "bfloat16")
+            if value is None:
+                counts["kept"] += 1
+                log.info("%s stays in float32: %s cannot hold a weight of shape %s", name, precision,
+                         list(original.shape))
+                continue
+            held[id(original)] = parameter = torch.nn.Parameter(value, requires_grad=False)
+            setattr(parameter, HELD, True)
+            counts[form] += 1
+        module.weight = held[id(original)]
+        module.__class__ = held_module_class(type(module))
     release_freed_memory()
-    log.info("base held in %s: %d linear layers converted, %d kept in float32", precision, counts["quantized"],
-             counts["kept"])
+    log.info("base held in %s: %d linear layers converted, %d embeddings and heads in bfloat16, %d kept in float32",
+             precision, counts["quantized"], counts["bfloat16"], counts["kept"])
     return counts
 
 
@@ -259,49 +283,126 @@ def own_storage(model) -> None:
             parameter.data = parameter.data.clone()
 
 
-_CLASSES: dict[str, type] = {}
+def _row_blocks(weight) -> list[tuple[int, object]]:
+    """``weight`` as (first row, block of rows) pairs whose float32 copies take at most :data:`CONVERT_BYTES` each: a
+    plain or int8 weight sliced, an NF4 one split by torchao into equal blocks whose packed values and scales divide
+    evenly (one block where the weight is smaller, or where no such split exists)."""
+    import math
+
+    rows, columns = weight.shape
+    count = math.ceil(rows * columns * 4 / CONVERT_BYTES)
+    if count <= 1:
+        return [(0, weight)]
+    if isinstance(weight, _torchao().NF4Tensor):
+        sizes = [rows, *(getattr(weight, inner).numel()
+                         for inner in ("quantized_data", "quantized_scalers", "quantization_factor"))]
+        count = next((n for n in range(count, min(rows, 8 * count) + 1) if all(size % n == 0 for size in sizes)), 1)
+        size = rows // count
+        return [(i * size, block) for i, block in enumerate(weight.split(size))] if count > 1 else [(0, weight)]
+    size = math.ceil(rows / count)
+    return [(start, weight[start:start + size]) for start in range(0, rows, size)]
 
 
-def _operand(weight, dtype):
-    """A held weight as a linear's operand: an int8 one as it is (torchao's own linear), a bfloat16 one in ``dtype``."""
-    return weight if is_quantized(weight) or weight.dtype == dtype else weight.to(dtype)
+def held_product(x, weight):
+    """``x Wᵀ`` for a held weight ``W``, in ``x``'s dtype, converting ``W`` a block of rows at a time."""
+    blocks = _row_blocks(weight)
+    if len(blocks) == 1:
+        return _linear(x, dense(weight, x.dtype))
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for start, block in blocks:
+        out[..., start:start + block.shape[0]] = _linear(x, dense(block, x.dtype))
+    return out
 
 
-def frozen_linear_class() -> type:
-    """``FrozenHeldLinear``: an ``nn.Linear`` whose frozen weight is held in int8 (torchao's ``Int8Tensor``) or
-    bfloat16 while it computes in float32. Its forward runs the linear inside an autograd function that keeps the
-    held weight for the backward pass, where it is converted again to give the input its gradient (the frozen weight
-    gets none), instead of the float32 copy autograd would keep. Still an ``nn.Linear``: every kind finds it as it
-    found the module. Made on first use (it needs torch)."""
-    if "held" not in _CLASSES:
-        import torch
-        import torch.nn.functional as F
+def held_input_gradient(grad, weight):
+    """The gradient of ``x Wᵀ`` with respect to ``x``, ``grad · W``, for a held weight ``W``, a block at a time."""
+    total = None
+    for start, block in _row_blocks(weight):
+        part = grad[..., start:start + block.shape[0]] @ dense(block, grad.dtype)
+        total = part if total is None else total.add_(part)
+    return total
 
-        class FrozenHeldWeight(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x, weight, bias):
-                ctx.save_for_backward(weight)
-                return F.linear(x, _operand(weight, x.dtype), bias)  # autograd is off in here
 
-            @staticmethod
-            def backward(ctx, grad):
-                (weight,) = ctx.saved_tensors
-                grad_x = grad @ dense(weight, grad.dtype) if ctx.needs_input_grad[0] else None
-                grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-                return grad_x, None, grad_bias
+def _linear(x, weight):
+    import torch.nn.functional as F
 
-        class FrozenHeldLinear(torch.nn.Linear):
-            __doc__ = frozen_linear_class.__doc__
+    return F.linear(x, weight)
 
-            def forward(self, x):
-                weight = self.weight  # a trainable tensor where a full adapter replaces it (then it trains as usual)
-                if (torch.is_grad_enabled() and not weight.requires_grad
-                        and (is_quantized(weight) or weight.dtype != x.dtype)):
-                    return FrozenHeldWeight.apply(x, weight, self.bias)
-                return F.linear(x, _operand(weight, x.dtype), self.bias)
 
-        _CLASSES["held"] = FrozenHeldLinear
-    return _CLASSES["held"]
+_CLASSES: dict[type, type] = {}
+
+
+def held_module_class(base: type) -> type:
+    """The class a module of class ``base`` takes once :func:`hold` holds its weight: ``FrozenHeldLinear`` for an
+    ``nn.Linear``; for an embedding, one that gives its looked-up rows in float32 (``FloatRowsEmbedding``; a
+    subclass's own forward, such as Gemma's scaling, runs on those float32 rows); ``base`` itself otherwise (a linear
+    layer of another class keeps its own forward: torchao's tensors run it). Made on first use (needs torch)."""
+    import torch
+
+    if base not in _CLASSES:
+        if base is torch.nn.Linear:
+            _CLASSES[base] = _frozen_linear_class()
+        elif base is torch.nn.Embedding:
+            _CLASSES[base] = _float_rows_embedding()
+        elif issubclass(base, torch.nn.Embedding):  # its forward's super() reaches FloatRowsEmbedding's
+            _CLASSES[base] = type(f"Held{base.__name__}", (base, _float_rows_embedding()), {})
+        else:
+            _CLASSES[base] = base
+    return _CLASSES[base]
+
+
+@functools.cache
+def _float_rows_embedding() -> type:
+    """``FloatRowsEmbedding``: an ``nn.Embedding`` whose table is held in bfloat16; it looks rows up in bfloat16 and
+    gives them in float32, the dtype the held model computes in. The table is frozen; a trainable one in its place
+    (``full``) computes as usual."""
+    import torch
+
+    class FloatRowsEmbedding(torch.nn.Embedding):
+        __doc__ = _float_rows_embedding.__doc__
+
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs).to(torch.float32)
+
+    return FloatRowsEmbedding
+
+
+def _frozen_linear_class() -> type:
+    """``FrozenHeldLinear``: an ``nn.Linear`` whose frozen weight is held (int8, NF4 or bfloat16) while it computes in
+    float32, a block of rows at a time (:func:`held_product`). With autograd on, its forward runs inside an autograd
+    function that keeps the held weight for the backward pass, where it is converted again to give the input its
+    gradient (the frozen weight gets none), instead of the float32 copy autograd would keep. Still an
+    ``nn.Linear``: every kind finds it as it found the module."""
+    import torch
+    import torch.nn.functional as F
+
+    class FrozenHeldWeight(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias):
+            ctx.save_for_backward(weight)
+            y = held_product(x, weight)  # autograd is off in here
+            return y if bias is None else y.add_(bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (weight,) = ctx.saved_tensors
+            grad_x = held_input_gradient(grad, weight) if ctx.needs_input_grad[0] else None
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+            return grad_x, None, grad_bias
+
+    class FrozenHeldLinear(torch.nn.Linear):
+        __doc__ = _frozen_linear_class.__doc__
+
+        def forward(self, x):
+            weight = self.weight  # a trainable tensor where a full adapter replaces it (then it trains as usual)
+            if weight.requires_grad or not is_held(weight):
+                return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype), self.bias)
+            if torch.is_grad_enabled():
+                return FrozenHeldWeight.apply(x, weight, self.bias)
+            y = held_product(x, weight)
+            return y if self.bias is None else y.add_(self.bias)
+
+    return FrozenHeldLinear
 
 
 def held_bytes(model) -> int:

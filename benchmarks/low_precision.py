@@ -116,7 +116,7 @@ def quality(out: str, epochs: int) -> dict:
         loaded = load_base(base, "classify", examples.labels, config.seed, precision)
         model = loaded.model.requires_grad_(False)
         for module in model.modules():  # PEFT gets torchao's own int8 linear, not adapterkit's frozen wrapper
-            if isinstance(module, torch.nn.Linear) and type(module).__name__ == "FrozenHeldLinear":
+            if type(module).__name__ == "FrozenHeldLinear" and precisions.is_quantized(module.weight):
                 module.__class__ = torch.nn.Linear
         components, tensors = new_components(model, "lora", options=config.options, head=loaded.head,
                                              generator=torch.Generator().manual_seed(config.seed))
@@ -160,7 +160,9 @@ def quality(out: str, epochs: int) -> dict:
 
 def materialised(shape: dict, precision: str, seed: int = 0):
     """The generated Llama held in ``precision``: built on the meta device, each module filled (normal(0, 0.02)
-    weights, unit norms) and put in the precision before the next one is made."""
+    weights, unit norms) and put in the precision before the next one is made; the embeddings and the output head,
+    which a held base keeps in bfloat16, are made in bfloat16 and filled a block of rows at a time, so that no float32
+    copy of them exists either."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -169,21 +171,27 @@ def materialised(shape: dict, precision: str, seed: int = 0):
         model = LlamaForCausalLM(config)
     generator = torch.Generator().manual_seed(seed)
 
-    def fill(module: torch.nn.Module) -> None:
+    def fill(module: torch.nn.Module, dtype=torch.float32) -> None:
         module.to_empty(device="cpu")
         with torch.no_grad():
             for name, parameter in module.named_parameters():
                 if "norm" in name:
                     parameter.fill_(1.0)
-                else:
-                    parameter.normal_(0.0, 0.02, generator=generator)
+                    continue
+                parameter.data = parameter.data.to(dtype)
+                rows = parameter.view(parameter.shape[0], -1)
+                for start in range(0, rows.shape[0], 1024):  # normal(0, 0.02) drawn in float32, 1,024 rows at a time
+                    block = rows[start:start + 1024]
+                    block.copy_(torch.empty(block.shape).normal_(0.0, 0.02, generator=generator))
 
-    fill(model.model.embed_tokens)
+    outer = torch.bfloat16 if precisions.holds_linear_weights(precision) else torch.float32
+    fill(model.model.embed_tokens, outer)
     for layer in model.model.layers:
         fill(layer)
         hold(layer, precision)  # one float32 layer at a time
     fill(model.model.norm)
-    fill(model.lm_head)  # the output head and the embeddings stay in float32 (on a CPU, bfloat16 too)
+    fill(model.lm_head, outer)
+    hold(torch.nn.ModuleDict({"embed_tokens": model.model.embed_tokens, "lm_head": model.lm_head}), precision)
     model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
     precisions.release_freed_memory()
     return model.requires_grad_(False)

@@ -117,7 +117,7 @@ def test_held_linear_gives_the_dequantized_gradient_and_saves_no_float32_weight(
     torch.manual_seed(0)
     module = torch.nn.Linear(64, 32)
     counts = precision.hold(module_holder := torch.nn.Sequential(module), name)  # bfloat16 on a CPU: held
-    assert counts == {"quantized": 1, "kept": 0} and isinstance(module_holder[0], torch.nn.Linear)
+    assert counts == {"quantized": 1, "bfloat16": 0, "kept": 0} and isinstance(module_holder[0], torch.nn.Linear)
     dequantized = precision.dense(module.weight, torch.float32)
     x = torch.randn(4, 7, 64, requires_grad=True)
     saved = []
@@ -203,3 +203,73 @@ def test_train_gradient_checkpointing_option_is_recorded(example, tmp_path):
     assert result.exit_code == 0, result.output
     training = adapterkit.load(path).manifest.training
     assert training["gradient_checkpointing"] is True and training["base_precision"] == "nf4"
+
+
+HELD_FORMATS = ["bfloat16", "int8", "nf4"]
+
+
+@pytest.mark.parametrize("name", HELD_FORMATS)
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+def test_a_held_model_computes_what_float32_computes_over_its_held_values(family, name):
+    """The embeddings and the pretrained head held in bfloat16 (gemma's and GPT-2's tied to each other, one parameter
+    still), the body's linear layers in the precision: the logits and the gradient reaching the hidden states are
+    those of the float32 model given each held weight's value (a plain torch forward, no held module)."""
+    import copy
+
+    from tests import tiny_models
+
+    model = tiny_models.gpt2() if family == "gpt2" else tiny_models.causal_lm(family)
+    reference = copy.deepcopy(model)
+    counts = precision.hold(model.requires_grad_(False), name)
+    embeddings = model.get_input_embeddings()
+    assert embeddings.weight.dtype == torch.bfloat16 and counts["bfloat16"] >= 1
+    if family == "llama":  # an untied head is held on its own, in bfloat16, never quantized
+        assert model.lm_head.weight.dtype == torch.bfloat16 and not precision.is_quantized(model.lm_head.weight)
+    else:
+        assert model.lm_head.weight is embeddings.weight  # still tied
+    held = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for key, parameter in reference.named_parameters(remove_duplicate=False):
+            parameter.copy_(precision.dense(held[key], torch.float32))
+    if family == "gemma":  # Gemma's own forward scales the rows by sqrt(hidden) in the table's dtype, bfloat16
+        scaled = reference.get_input_embeddings()
+        scaled.embed_scale = scaled.embed_scale.to(torch.bfloat16).float()
+    ids = torch.randint(0, tiny_models.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for each in (model, reference):
+        hidden = []
+        handle = each.get_input_embeddings().register_forward_hook(  # the rows, as a leaf to take a gradient at
+            lambda module, args, out: hidden.append(out.detach().requires_grad_(True)) or hidden[-1])
+        logits = each(input_ids=ids).logits
+        handle.remove()
+        logits.pow(2).mean().backward()
+        outputs.append((logits.detach(), hidden[0].dtype, hidden[0].grad))
+    (logits, dtype, grad), (logits_ref, _, grad_ref) = outputs
+    assert dtype == torch.float32  # the held embedding gives float32 rows
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", HELD_FORMATS)
+def test_a_held_weight_is_converted_a_block_of_rows_at_a_time(name, monkeypatch):
+    """A product over a weight larger than CONVERT_BYTES converts it a block at a time (no float32 copy of more
+    than CONVERT_BYTES), and gives the whole product and input gradient."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(256, 640)
+    precision.hold(torch.nn.Sequential(module), name)
+    whole = precision.dense(module.weight, torch.float32)
+    monkeypatch.setattr(precision, "CONVERT_BYTES", 256 * 4 * 64)  # at most 64 rows in float32 at once
+    converted, dense = [], precision.dense
+    monkeypatch.setattr(precision, "dense", lambda tensor, dtype=None: converted.append(tensor.shape[0]) or
+                        dense(tensor, dtype))
+    x = torch.randn(3, 5, 256, requires_grad=True)
+    y = module(x)
+    y.pow(2).sum().backward()
+    assert len(converted) >= 2 * 10 and max(converted) <= 64, converted  # forward and backward, in blocks
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = F.linear(x_ref, whole, module.bias.detach())
+    y_ref.pow(2).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # inference takes the same blocks
+        torch.testing.assert_close(module(x), y_ref, rtol=1e-5, atol=1e-5)

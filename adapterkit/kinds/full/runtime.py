@@ -33,15 +33,15 @@ class Replaced(torch.nn.Module):
         self.source = source
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        # in the dtype the module computes in (a float32 tensor over a base held in bfloat16 is used in bfloat16; a
-        # quantized base weight computes in float32)
+        # in the dtype the module computes in (a float32 tensor over a base in bfloat16 is used in bfloat16; over a
+        # base weight held quantized or in bfloat16 while the model computes in float32, in float32)
         return in_dtype(self.source.tensors()[self.name], _compute_dtype(original))
 
 
 def _compute_dtype(original: torch.Tensor) -> torch.dtype:
-    from adapterkit.precision import is_quantized
+    from adapterkit.precision import is_held
 
-    return torch.float32 if is_quantized(original) else original.dtype
+    return torch.float32 if is_held(original) else original.dtype
 
 
 def _aliases(model: torch.nn.Module, parameter: torch.nn.Parameter) -> list[tuple[torch.nn.Module, str]]:
