@@ -15,7 +15,7 @@ _EXPORTS = {
     "BaseModel": "adapterkit.manifest",
     "Component": "adapterkit.manifest",
     "Manifest": "adapterkit.manifest",
-    "fingerprint": "adapterkit.fingerprint",
+    "fingerprint": "adapterkit.fingerprints",
     "load": "adapterkit.io.adapter_file",
     "save": "adapterkit.io.adapter_file",
 }

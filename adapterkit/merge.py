@@ -26,7 +26,7 @@ import torch
 from adapterkit.adapter import Adapter
 from adapterkit.arrays import to_torch
 from adapterkit.errors import RequestError
-from adapterkit.fingerprint import check_base
+from adapterkit.fingerprints import check_base
 from adapterkit.kinds import get_kind, order
 from adapterkit.manifest import Component
 from adapterkit.io.pipeline import split_target

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from adapterkit.adapter import Adapter
 from adapterkit.arrays import DTYPES, FLOAT_NAMES, dtype_name, to_torch
 from adapterkit.errors import FileSystemError, FormatError, RequestError
-from adapterkit.fingerprint import check_base, fingerprints
+from adapterkit.fingerprints import check_base, fingerprints
 from adapterkit.io import pipeline
 from adapterkit.io.checkpoint import INDEX_FILES, Checkpoint
 from adapterkit.io.outputs import output

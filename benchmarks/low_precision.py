@@ -50,7 +50,7 @@ import time
 import torch
 
 # torchao's notes about its CUDA-only extensions and adapterkit's "no fingerprint" notes are not results
-for name in ("torchao", "torch.utils._pytree", "adapterkit.fingerprint"):
+for name in ("torchao", "torch.utils._pytree", "adapterkit.fingerprints"):
     logging.getLogger(name).setLevel(logging.ERROR)
 
 from adapterkit.adapter import Adapter  # noqa: E402

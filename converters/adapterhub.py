@@ -53,7 +53,7 @@ import numpy as np
 
 from adapterkit.adapter import Adapter, tensor_name
 from adapterkit.errors import AdapterError, FormatError, RequestError
-from adapterkit.fingerprint import record_base
+from adapterkit.fingerprints import record_base
 from adapterkit.io import safetensors
 from adapterkit.io.paths import open_regular
 from adapterkit.kinds.adapter import non_linearity_name

@@ -35,7 +35,7 @@ import numpy as np
 
 from adapterkit.adapter import Adapter, tensor_name
 from adapterkit.errors import AdapterError, FormatError, RequestError
-from adapterkit.fingerprint import check_base, record_base
+from adapterkit.fingerprints import check_base, record_base
 from adapterkit.io.outputs import write_file_atomically
 from adapterkit.io.paths import open_regular
 from adapterkit.kinds.lora import uniform_alpha

@@ -20,7 +20,7 @@ import numpy as np
 
 from adapterkit.adapter import Adapter, tensor_name
 from adapterkit.errors import AdapterError, FormatError, RequestError
-from adapterkit.fingerprint import record_base, replaced_targets
+from adapterkit.fingerprints import record_base, replaced_targets
 from adapterkit.io import safetensors
 from adapterkit.io.outputs import output
 from adapterkit.io.paths import open_regular

@@ -23,7 +23,7 @@ import numpy as np
 
 from adapterkit.adapter import Adapter, tensor_name
 from adapterkit.errors import AdapterError, FormatError, RequestError
-from adapterkit.fingerprint import record_base
+from adapterkit.fingerprints import record_base
 from adapterkit.kinds.lora import scale
 from adapterkit.manifest import BaseModel, Component, Manifest
 from adapterkit.io import pipeline

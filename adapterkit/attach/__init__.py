@@ -32,7 +32,7 @@ from adapterkit.arrays import to_torch
 from adapterkit.attach.rows import RowSelection
 from adapterkit.attach.wrapper import ADAPTER_PARAMETER, AdapterTensors, AdapterWrapper
 from adapterkit.errors import RequestError
-from adapterkit.fingerprint import check_base
+from adapterkit.fingerprints import check_base
 from adapterkit.kinds import get_kind
 from adapterkit.manifest import Component
 from adapterkit.targets import resolve_module

@@ -49,6 +49,6 @@ def validate(files: tuple[str, ...]) -> None:
 @click.argument("base", type=click.Path(exists=True))
 def fingerprint_command(base: str) -> None:
     """Print the fingerprint of a BASE model folder or safetensors checkpoint (spec §7)."""
-    from adapterkit.fingerprint import fingerprint
+    from adapterkit.fingerprints import fingerprint
 
     click.echo(fingerprint(base))

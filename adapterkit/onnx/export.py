@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from adapterkit.adapter import Adapter
 from adapterkit.errors import AdapterError, FormatError, RequestError
-from adapterkit.fingerprint import check_base
+from adapterkit.fingerprints import check_base
 from adapterkit.io import outputs
 from adapterkit.kinds import get_kind
 from adapterkit.merge import merge_into_model

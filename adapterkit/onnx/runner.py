@@ -128,7 +128,7 @@ class Runner:
     def _adapter_feeds(self, adapter, where: str, force: bool) -> dict[str, np.ndarray]:
         """An adapter's slot tensors, folded against the base the graph was exported from (its fingerprint checked,
         its targets resolved on the base's module tree)."""
-        from adapterkit.fingerprint import check_base
+        from adapterkit.fingerprints import check_base
         from adapterkit.onnx.slots import adapter_feeds
         from adapterkit.targets import skeleton
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from adapterkit.errors import FileSystemError, FormatError, RequestError
-from adapterkit.fingerprint import record_base
+from adapterkit.fingerprints import record_base
 from adapterkit.manifest import BaseModel
 
 log = logging.getLogger(__name__)
