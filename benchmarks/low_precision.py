@@ -115,7 +115,7 @@ def quality(out: str, epochs: int) -> dict:
                              epochs=epochs, batch_size=BATCH, lr=1e-3, base_precision=precision).checked()
         loaded = load_base(base, "classify", examples.labels, config.seed, precision)
         model = loaded.model.requires_grad_(False)
-        for module in model.modules():  # PEFT gets torchao's own int8 linear, not adapterkit's frozen wrapper
+        for module in model.modules():  # PEFT gets torchao's own linears, not adapterkit's frozen wrapper
             if type(module).__name__ == "FrozenHeldLinear" and precisions.is_quantized(module.weight):
                 module.__class__ = torch.nn.Linear
         components, tensors = new_components(model, "lora", options=config.options, head=loaded.head,

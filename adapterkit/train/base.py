@@ -37,7 +37,7 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
     ``precision`` for computing on ``device`` (:mod:`adapterkit.precision`: ``float32``, ``bfloat16``, or ``int8`` /
     ``nf4`` weights in the linear layers; the head stays as initialised). A held base is converted after a float32
     load, so loading peaks above loading in float32 (``benchmarks/low_precision.py --part loading``: a 1.3 GB
-    checkpoint in nf4 took 1.76 GB at the peak against 1.46 GB in float32, 0.48 GB after); training peaks no lower."""
+    checkpoint in nf4 took 1.70 GB at the peak against 1.46 GB in float32, 0.36 GB after); training peaks no lower."""
     from adapterkit.precision import check, compute_dtype, hold, holds_linear_weights, own_storage
 
     check(precision)
