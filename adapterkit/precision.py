@@ -212,6 +212,7 @@ def hold(model, precision: str, keep: Iterable[str] = (), device="cpu") -> dict[
         release_freed_memory()
         return counts
     map_large_blocks()
+    files = MappedFiles()
     held: dict[int, torch.nn.Parameter] = {}  # id of a parameter as loaded -> the one held in its place
     for name, module in list(model.named_modules()):
         form = held_form(name, module, keep)
@@ -228,6 +229,7 @@ def hold(model, precision: str, keep: Iterable[str] = (), device="cpu") -> dict[
             held[id(original)] = parameter = torch.nn.Parameter(value, requires_grad=False)
             setattr(parameter, HELD, True)
             counts[form] += 1
+            files.release(original)
         module.weight = held[id(original)]
         module.__class__ = held_module_class(type(module))
     release_freed_memory()
@@ -271,6 +273,51 @@ def map_large_blocks() -> None:
     mallopt = _libc("mallopt")
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+#: ``madvise``'s advice that the pages of a range are not needed: a file's pages are read again from it if touched
+MADV_DONTNEED = 4
+
+
+class MappedFiles:
+    """The checkpoint files mapped into this process (``/proc/self/maps``: mappings of ``*.safetensors`` files), whose
+    pages a converted weight no longer needs. transformers loads a safetensors checkpoint's tensors as views of the
+    file mapped into memory; converting every weight reads the whole file, and each page read stays in the process's
+    resident set until the mapping goes, so holding a base peaked at the float32 file's size plus the held weights.
+    :meth:`release` drops the pages of one converted weight instead (``madvise(MADV_DONTNEED)``: the mapping is of a
+    file, so a page touched again is read again from it; nothing is lost). Best-effort: nothing where there is no
+    ``/proc`` or no ``madvise``."""
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] = []
+        self.madvise = _libc("madvise")
+        try:
+            with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].rstrip("\n").endswith(".safetensors"):
+                        start, end = (int(address, 16) for address in fields[0].split("-"))
+                        self.ranges.append((start, end))
+        except OSError:
+            log.debug("no /proc/self/maps: a converted weight's file pages stay resident until the file is unmapped")
+
+    def release(self, tensor) -> None:
+        """Drop the whole pages of a mapped file that ``tensor``'s bytes span from the resident set (none where the
+        tensor is not a view of a mapped file)."""
+        import ctypes
+        import mmap
+
+        if (not self.ranges or self.madvise is None or tensor.device.type != "cpu" or is_quantized(tensor)
+                or not tensor.is_contiguous()):
+            return
+        first = tensor.data_ptr()
+        last = first + tensor.numel() * tensor.element_size()
+        if not any(start <= first and last <= end for start, end in self.ranges):
+            return
+        page = mmap.PAGESIZE
+        start, end = -(-first // page) * page, last // page * page  # the pages wholly inside the tensor's bytes
+        if end > start:
+            self.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 def own_storage(model) -> None:

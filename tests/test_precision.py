@@ -273,3 +273,43 @@ def test_a_held_weight_is_converted_a_block_of_rows_at_a_time(name, monkeypatch)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-4)
     with torch.no_grad():  # inference takes the same blocks
         torch.testing.assert_close(module(x), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def _mapped_file_kb(path) -> int:
+    """Kilobytes of ``path``'s mappings resident in this process (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                inside = len(fields) == 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_a_converted_weight_leaves_the_mapped_checkpoint_pages_and_loses_nothing(tmp_path):
+    """transformers loads a safetensors checkpoint as views of the mapped file; once a weight is converted its
+    pages leave the resident set (holding a base no longer peaks at the float32 file's size) and, read again,
+    come back from the file unchanged."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    checkpoint = (tmp_path / "model.safetensors").resolve()
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    weight = model.model.layers[0].mlp.up_proj.weight.detach()  # 1 MB of float32
+    files = precision.MappedFiles()
+    if not any(start <= weight.data_ptr() < end for start, end in files.ranges):
+        pytest.skip("this transformers copies the checkpoint's tensors instead of mapping the file")
+    for parameter in model.parameters():
+        parameter.sum()  # every page read, as converting does
+    before = _mapped_file_kb(checkpoint)
+    files.release(weight)
+    after = _mapped_file_kb(checkpoint)
+    assert before - after >= weight.numel() * 4 // 1024 - 8, (before, after)  # its whole pages left
+    assert torch.equal(weight, load_file(checkpoint)["model.layers.0.mlp.up_proj.weight"])  # read again, unchanged
+    held = precision.hold(model.requires_grad_(False), "nf4")
+    assert held["quantized"] == 7 and _mapped_file_kb(checkpoint) < before // 4  # holding released them all

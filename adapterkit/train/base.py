@@ -35,9 +35,10 @@ def load_base(path: str | os.PathLike, task: str, labels: list[str] | None = Non
               precision: str = "float32", device="cpu") -> LoadedBase:
     """The model of ``path`` (an HF folder) for ``task``, its tokenizer, and its head modules, on the CPU, held in
     ``precision`` for computing on ``device`` (:mod:`adapterkit.precision`: ``float32``, ``bfloat16``, or ``int8`` /
-    ``nf4`` weights in the linear layers; the head stays as initialised). A held base is converted after a float32
-    load, so loading peaks above loading in float32 (``benchmarks/low_precision.py --part loading``: a 1.3 GB
-    checkpoint in nf4 took 1.70 GB at the peak against 1.46 GB in float32, 0.36 GB after); training peaks no lower."""
+    ``nf4`` weights in the linear layers; the head stays as initialised). A held base is converted weight by weight
+    from the mapped checkpoint, each converted weight's pages leaving the resident set (``benchmarks/low_precision.py
+    --part loading``: a 1.3 GB float32 checkpoint loaded in nf4 peaked at 0.49 GB above the process, against 1.45 GB
+    in float32)."""
     from adapterkit.precision import check, compute_dtype, hold, holds_linear_weights, own_storage
 
     check(precision)
