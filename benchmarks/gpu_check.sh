@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A few minutes on a GPU machine (torch with CUDA, no network): what adapterkit does on CUDA, compared with the CPU.
-#   attach (every kind) · a few training steps · merge · mixed-batch serving (per-row adapters, the serving engine)
+#   attach (every kind) · a few training steps (over a float32 base and over int8 / nf4 ones) · merge · mixed-batch serving (per-row adapters, the serving engine)
 #   · the ONNX runner on CUDA with IO binding (where an onnxruntime GPU build is installed), with swappable adapters
 #     and with an adapter bank (a different adapter on each row of one run)
 # Each check prints the largest difference from the CPU result; the script exits 1 if one is above its tolerance.
@@ -22,6 +22,7 @@ from adapterkit import Adapter, BaseModel, Manifest, fingerprint
 from adapterkit.attach import attach
 from adapterkit.kinds import get_kind
 from adapterkit.merge import merge_into_model
+from adapterkit.precision import hold
 from adapterkit.serve.engine import Engine, Request, Sampling
 from adapterkit.train.init import new_components, option_defaults
 
@@ -94,6 +95,25 @@ for name, model in (("cpu", cpu_model), (DEVICE, gpu_model)):
             trace.append(loss.detach().cpu())
         losses[name] = torch.stack(trace)
 check("training losses", losses["cpu"], losses[DEVICE], 1e-3)
+
+print("2b. training over a base held in int8 and nf4 (embeddings and head in bfloat16), the same start")
+for precision in ("int8", "nf4"):
+    traces = {}
+    for device in ("cpu", DEVICE):
+        held = copy.deepcopy(cpu_model).to(device).requires_grad_(False)
+        hold(held, precision, device=device)
+        # a held base gives no fingerprint back (no checkpoint folder here to check against): force
+        with attach(held, adapters["lora"], trainable=True, dtype=torch.float32, force=True) as handle:
+            optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2)
+            batch, trace = ids.to(device), []
+            for _ in range(3):
+                loss = held(input_ids=batch, labels=batch).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                trace.append(loss.detach().cpu())
+        traces[device] = torch.stack(trace)
+    check(f"training losses over {precision}", traces["cpu"], traces[DEVICE], 1e-3)
 
 print("3. merge")
 merged_cpu = merge_into_model(copy.deepcopy(cpu_model), [adapters["lora"], adapters["dora"]])

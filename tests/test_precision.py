@@ -313,3 +313,28 @@ def test_a_converted_weight_leaves_the_mapped_checkpoint_pages_and_loses_nothing
     assert torch.equal(weight, load_file(checkpoint)["model.layers.0.mlp.up_proj.weight"])  # read again, unchanged
     held = precision.hold(model.requires_grad_(False), "nf4")
     assert held["quantized"] == 7 and _mapped_file_kb(checkpoint) < before // 4  # holding released them all
+
+
+def test_a_held_model_without_its_folder_is_refused_unless_forced(example, float32_base):
+    """A model held quantized gives no fingerprint back: attach without ``reference`` refuses in one line, naming what
+    to pass; against its folder it is checked; with ``force`` it goes on without a check, and the adapter acts."""
+    from adapterkit import BaseModel
+    from adapterkit.errors import RequestError
+
+    loaded = load_base(example["llama"], "causal-lm", precision="nf4")
+    held = loaded.model
+    components, tensors = new_components(held, "lora", options=option_defaults(),
+                                         generator=torch.Generator().manual_seed(0))
+    tensors = {name: value + 0.1 for name, value in tensors.items()}  # B is zero at first: make it act
+    adapter = Adapter(Manifest(components, BaseModel("llama", None, None,
+                                                     {"fp2": adapterkit.fingerprint(example["llama"])})), tensors)
+    with pytest.raises(RequestError, match="held quantized.*reference=folder"):
+        attach(held, adapter)
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        alone = held(input_ids=ids).logits
+        with attach(held, adapter, reference=example["llama"]):
+            checked = held(input_ids=ids).logits
+        with attach(held, adapter, force=True):
+            forced = held(input_ids=ids).logits
+    assert not torch.allclose(checked, alone) and torch.equal(checked, forced)
