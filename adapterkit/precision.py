@@ -307,8 +307,7 @@ class MappedFiles:
         import ctypes
         import mmap
 
-        if (not self.ranges or self.madvise is None or tensor.device.type != "cpu" or is_quantized(tensor)
-                or not tensor.is_contiguous()):
+        if not self.ranges or self.madvise is None or not tensor.is_contiguous():
             return
         first = tensor.data_ptr()
         last = first + tensor.numel() * tensor.element_size()
@@ -352,12 +351,14 @@ def _row_blocks(weight) -> list[tuple[int, object]]:
 
 def held_product(x, weight):
     """``x Wᵀ`` for a held weight ``W``, in ``x``'s dtype, converting ``W`` a block of rows at a time."""
+    import torch.nn.functional as F
+
     blocks = _row_blocks(weight)
     if len(blocks) == 1:
-        return _linear(x, dense(weight, x.dtype))
+        return F.linear(x, dense(weight, x.dtype))
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     for start, block in blocks:
-        out[..., start:start + block.shape[0]] = _linear(x, dense(block, x.dtype))
+        out[..., start:start + block.shape[0]] = F.linear(x, dense(block, x.dtype))
     return out
 
 
@@ -368,12 +369,6 @@ def held_input_gradient(grad, weight):
         part = grad[..., start:start + block.shape[0]] @ dense(block, grad.dtype)
         total = part if total is None else total.add_(part)
     return total
-
-
-def _linear(x, weight):
-    import torch.nn.functional as F
-
-    return F.linear(x, weight)
 
 
 _CLASSES: dict[type, type] = {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A few minutes on a GPU machine (torch with CUDA, no network): what adapterkit does on CUDA, compared with the CPU.
-#   attach (every kind) · a few training steps (over a float32 base and over int8 / nf4 ones) · merge · mixed-batch serving (per-row adapters, the serving engine)
-#   · the ONNX runner on CUDA with IO binding (where an onnxruntime GPU build is installed), with swappable adapters
+#   attach (every kind) · a few training steps (over a float32 base, and over int8 and nf4 ones) · merge
+#   · mixed-batch serving (per-row adapters, the serving engine) · the ONNX runner on CUDA with IO binding (where an onnxruntime GPU build is installed), with swappable adapters
 #     and with an adapter bank (a different adapter on each row of one run)
 # Each check prints the largest difference from the CPU result; the script exits 1 if one is above its tolerance.
 # Without CUDA (or with CUDA_VISIBLE_DEVICES=) it runs the same checks on the CPU against itself, as a dry run.
@@ -80,40 +80,33 @@ for kind, adapter in adapters.items():
     with attach(cpu_model, adapter), attach(gpu_model, adapter):
         check(f"attach {kind}", logits(cpu_model, ids), logits(gpu_model, ids), 2e-4)
 
-print("2. training: 5 AdamW steps of a LoRA, the same start")
-losses = {}
-for name, model in (("cpu", cpu_model), (DEVICE, gpu_model)):
-    with attach(model, adapters["lora"], trainable=True) as handle:
+def losses_of_training(model, steps: int, **attach_options) -> torch.Tensor:
+    """The losses of ``steps`` AdamW steps of the LoRA adapter on ``model`` (on its device), from the same start."""
+    with attach(model, adapters["lora"], trainable=True, **attach_options) as handle:
         optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2)
-        batch = ids.to(model.device)
+        batch = ids.to(next(model.parameters()).device)
         trace = []
-        for _ in range(5):
+        for _ in range(steps):
             loss = model(input_ids=batch, labels=batch).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             trace.append(loss.detach().cpu())
-        losses[name] = torch.stack(trace)
-check("training losses", losses["cpu"], losses[DEVICE], 1e-3)
+    return torch.stack(trace)
+
+
+print("2. training: 5 AdamW steps of a LoRA, the same start")
+check("training losses", losses_of_training(cpu_model, 5), losses_of_training(gpu_model, 5), 1e-3)
 
 print("2b. training over a base held in int8 and nf4 (embeddings and head in bfloat16), the same start")
 for precision in ("int8", "nf4"):
-    traces = {}
+    traces = []
     for device in ("cpu", DEVICE):
         held = copy.deepcopy(cpu_model).to(device).requires_grad_(False)
         hold(held, precision, device=device)
         # a held base gives no fingerprint back (no checkpoint folder here to check against): force
-        with attach(held, adapters["lora"], trainable=True, dtype=torch.float32, force=True) as handle:
-            optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2)
-            batch, trace = ids.to(device), []
-            for _ in range(3):
-                loss = held(input_ids=batch, labels=batch).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                trace.append(loss.detach().cpu())
-        traces[device] = torch.stack(trace)
-    check(f"training losses over {precision}", traces["cpu"], traces[DEVICE], 1e-3)
+        traces.append(losses_of_training(held, 3, dtype=torch.float32, force=True))
+    check(f"training losses over {precision}", *traces, 1e-3)
 
 print("3. merge")
 merged_cpu = merge_into_model(copy.deepcopy(cpu_model), [adapters["lora"], adapters["dora"]])
